@@ -1,0 +1,40 @@
+"""The `instructgpt` command: one subcommand per stage.
+
+Each subcommand is a plain function with typed keyword arguments (tyro turns them into flags, with
+the docstring as help). Stages register here by name; the same flag means the same thing everywhere
+(`--out`, `--init`, `--seed`, `--device`, `--dtype`, `--batch-size`, `--max-steps`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# name -> "module:function", in the order of the recipe.
+COMMANDS: dict[str, str] = {
+}
+
+
+def _load(spec: str):
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {name: _load(spec) for name, spec in COMMANDS.items()}
+    try:
+        tyro.extras.subcommand_cli_from_dict(commands, args=argv, prog="instructgpt")
+    except (ValueError, FileNotFoundError) as e:
+        # ValueError covers UserError and the models' own checks; set INSTRUCTGPT_DEBUG=1 for a traceback.
+        if os.environ.get("INSTRUCTGPT_DEBUG"):
+            raise
+        print(f"instructgpt: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
