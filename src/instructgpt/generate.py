@@ -1,0 +1,222 @@
+"""The generation engine: token ids in; token ids and per-token log-probabilities out.
+
+One engine for evaluation, RL rollouts, collection, chat and the server. Prompts of different lengths
+share a batch by left padding, with position ids derived from the attention mask; a preallocated KV
+cache is filled by one prefill, then each step feeds one token per row. Rows stop at the end token or
+at `max_new_tokens`; the loop ends when every row has stopped.
+
+The log-probability of each chosen token is taken under the raw model (no temperature, top-k or top-p),
+which is what PPO's importance ratio needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import GPT, KVCache, Seq2Seq
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64  # stop a row after this many new tokens (the end token counts)
+    temperature: float = 1.0  # 0 means greedy decoding
+    top_k: int = 0  # keep only the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1: all)
+    seed: int | None = None  # seeds a private torch.Generator when no generator is passed
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    """New tokens of a batch. Positions after a row's end are `pad_id` with log-probability 0."""
+
+    tokens: torch.Tensor  # (B, N) long
+    logprobs: torch.Tensor  # (B, N) float32, log p(token) under the raw model
+    lengths: torch.Tensor  # (B,) new tokens per row, the end token included
+    ended: torch.Tensor  # (B,) bool: the row produced the end token
+
+    def token_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row (B,) from logits (B, V)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p; the first token always stays.
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (B, T) and attention mask (B, T), each prompt flush right."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            idx[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, T - len(p):] = 1
+    return idx.to(device), mask.to(device)
+
+
+class _DecoderOnly:
+    """Prefill then one-token steps for a GPT, over one preallocated KV cache."""
+
+    def __init__(self, model: GPT, prompts, pad_id: int, max_new: int):
+        cfg = model.config
+        p = next(model.parameters())
+        self.model = model
+        idx, mask = left_pad(prompts, pad_id, p.device)
+        B, T0 = idx.shape
+        if T0 + max_new > cfg.block_size:
+            raise ValueError(f"prompt of {T0} tokens + max_new_tokens {max_new} exceeds the model's "
+                             f"context of {cfg.block_size} tokens")
+        self.cache = KVCache(cfg.n_layer, B, cfg.kv_heads, T0 + max_new, cfg.head_dim, p.device, p.dtype)
+        self.mask = torch.ones(B, T0 + max_new, dtype=torch.long, device=p.device)
+        self.mask[:, :T0] = mask
+        self.idx, self.T0 = idx, T0
+
+    def prefill(self) -> torch.Tensor:
+        return self.model(self.idx, self.mask[:, : self.T0], cache=self.cache, logits_slice=slice(-1, None))[:, -1]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        S = self.cache.length + 1
+        return self.model(tok[:, None], self.mask[:, :S], cache=self.cache)[:, -1]
+
+
+class _EncoderDecoder:
+    """The encoder output and every layer's cross-attention keys and values are computed once; the
+    decoder starts from `start_id` and caches its self-attention."""
+
+    def __init__(self, model: Seq2Seq, prompts, pad_id: int, max_new: int, start_id: int):
+        cfg = model.config
+        p = next(model.parameters())
+        if max_new + 1 > cfg.block_size:
+            raise ValueError(f"max_new_tokens {max_new} exceeds the decoder's context of {cfg.block_size}")
+        self.model = model
+        src, self.src_mask = left_pad(prompts, pad_id, p.device)
+        B = src.size(0)
+        self.memory_kv = model.memory_kv(model.encode(src, self.src_mask))
+        self.cache = KVCache(cfg.n_layer, B, cfg.kv_heads, max_new + 1, cfg.head_dim, p.device, p.dtype)
+        self.mask = torch.ones(B, max_new + 1, dtype=torch.long, device=p.device)
+        self.start = torch.full((B, 1), start_id, dtype=torch.long, device=p.device)
+
+    def _decode(self, tgt: torch.Tensor) -> torch.Tensor:
+        S = self.cache.length + tgt.size(1)
+        return self.model.decode(tgt, self.memory_kv, self.src_mask, self.mask[:, :S], cache=self.cache)[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        return self._decode(self.start)
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        return self._decode(tok[:, None])
+
+
+def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    if len(prompts) == 0:
+        raise ValueError("no prompts to generate from")
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0 and isinstance(model, GPT):
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {V})")
+        if len(p) > model.config.block_size:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, beyond the model's context of "
+                             f"{model.config.block_size}")
+
+
+@torch.no_grad()
+def stream(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    start_id: int | None = None,
+    all_finished: Callable[[torch.Tensor], bool] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), logprobs (B,), active (B,)) once per step; `active` marks the rows whose token
+    is real (rows that stopped earlier get `pad_id`). `start_id` is the decoder's first token (seq2seq).
+    `all_finished(finished)` lets ranks under torchrun decide together when to stop (default: this
+    process's rows)."""
+    params.validate()
+    _check_prompts(model, prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, Seq2Seq):
+            if start_id is None:
+                raise ValueError("encoder-decoder generation needs start_id (the decoder's first token)")
+            runner = _EncoderDecoder(model, prompts, pad_id, params.max_new_tokens, start_id)
+        else:
+            runner = _DecoderOnly(model, prompts, pad_id, params.max_new_tokens)
+        if generator is None and params.seed is not None and params.temperature > 0:
+            generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
+        logits = runner.prefill()  # (B, V)
+        B = logits.size(0)
+        finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        for step in range(params.max_new_tokens):
+            tok = sample_next(logits, params, generator)  # (B,)
+            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            active = ~finished
+            tok = torch.where(active, tok, torch.full_like(tok, pad_id))
+            logp = torch.where(active, logp, torch.zeros_like(logp))
+            yield tok, logp, active
+            finished = finished | (tok == eos_id)
+            done = all_finished(finished) if all_finished is not None else bool(finished.all())
+            if done or step == params.max_new_tokens - 1:
+                break
+            logits = runner.step(tok)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    start_id: int | None = None,
+    all_finished: Callable[[torch.Tensor], bool] | None = None,
+) -> Generation:
+    """Generate for a batch of prompts (lists of ids); see `stream`."""
+    toks, logps, actives = [], [], []
+    for tok, logp, active in stream(model, prompts, params, eos_id, pad_id, generator, start_id, all_finished):
+        toks.append(tok)
+        logps.append(logp)
+        actives.append(active)
+    tokens = torch.stack(toks, 1)  # (B, N)
+    active = torch.stack(actives, 1)
+    lengths = active.sum(1)
+    ended = ((tokens == eos_id) & active).any(1)
+    return Generation(tokens=tokens, logprobs=torch.stack(logps, 1), lengths=lengths, ended=ended)
