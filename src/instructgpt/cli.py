@@ -13,6 +13,7 @@ import sys
 
 # name -> "module:function", in the order of the recipe.
 COMMANDS: dict[str, str] = {
+    "world": "instructgpt.world.command:world_command",
     "prepare": "instructgpt.prepare:prepare_command",
 }
 
