@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "world": "instructgpt.world.command:world_command",
     "prepare": "instructgpt.prepare:prepare_command",
+    "import-hf": "instructgpt.hf:import_command",
+    "export-hf": "instructgpt.hf:export_command",
 }
 
 

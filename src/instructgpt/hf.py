@@ -1,0 +1,598 @@
+"""Hugging Face interoperability: import a local GPT-2 or Llama-family checkpoint, export ours.
+
+Import (`import_hf`, `instructgpt import-hf`) reads only JSON and safetensors: `config.json`, the weights
+(`model.safetensors`, or shards listed in `model.safetensors.index.json`) and `tokenizer.json`. It never
+unpickles (DESIGN invariant 10): a folder with only `pytorch_model.bin` is refused with a hint to convert.
+
+Supported layouts, mapped onto ours (model.py):
+
+    GPT2LMHeadModel                    Conv1D weights are (in, out): transposed into nn.Linear's (out, in)
+    Llama / Mistral / Qwen2ForCausalLM q, k, v stacked into one qkv_proj (rows [q (H*D), k (K*D), v (K*D)]),
+                                       gate and up into one fc (rows [gate (I), up (I)]); Qwen2's q/k/v
+                                       biases become attention_bias=True
+    *ForSequenceClassification         (num_labels=1) a ScalarModel: HF's bias-free score -> score_head
+
+Our chat template needs six special tokens (<|pad|> <|bos|> <|eos|> <|system|> <|user|> <|assistant|>).
+Those the tokenizer lacks are added as special tokens at the end of its vocabulary (inside the HF matrix
+when it has unused rows past the tokenizer, as Qwen2's has); their embedding and unembedding rows start as
+the mean of the rows of the original tokens. A mean unembedding row can never win an argmax
+(its logit is the mean of the others), so greedy decoding of the imported model is unchanged until
+fine-tuning teaches the new tokens.
+
+Export (`export_hf`, `instructgpt export-hf`) writes a folder that `transformers.AutoModelForCausalLM` /
+`AutoModelForSequenceClassification` and `AutoTokenizer` load without custom code: GPT-2 style models as
+GPT2*, Llama style as Llama* (Qwen2* when the q/k/v projection alone has biases). The vocabulary is unpadded
+to `vocab_size`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import _atomic_write, load_model, load_state_dict, save_model
+from .errors import UserError
+from .model import GPT, ModelConfig, ScalarModel, build_model
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+GPT2_ARCHS = {"GPT2LMHeadModel": "gpt", "GPT2ForSequenceClassification": "scalar"}
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_ARCHS = {f"{name}{head}": kind for name in ("Llama", "Mistral", "Qwen2")
+               for head, kind in (("ForCausalLM", "gpt"), ("ForSequenceClassification", "scalar"))}
+# Buffers some checkpoints carry that are not weights: GPT-2's causal-mask tables, old Llama's RoPE table.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# Where our export keeps the score head's bias, which HF's bias-free score layer cannot hold (Llama style).
+SCORE_BIAS_KEY = "instructgpt_score_bias"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a Hugging Face folder
+
+
+class HFWeights:
+    """The tensors of a local HF checkpoint (one safetensors file or shards), read lazily by name.
+
+    `take` checks the shape and remembers what was used, so that `check_all_used` can name leftovers
+    (a config that does not describe the weights) instead of silently dropping them."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        files = self._weight_files(folder)
+        self._where: dict[str, Path] = {}
+        self._handles = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as e:  # the library raises its own error type or OSError for a bad file
+                raise UserError(f"{file}: cannot read safetensors weights ({e})") from None
+            self._handles[file] = handle
+            for key in handle.keys():
+                self._where[key] = file
+        self._used: set[str] = set()
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[Path]:
+        if (folder / HF_WEIGHTS).is_file():
+            return [folder / HF_WEIGHTS]
+        if (folder / HF_INDEX).is_file():
+            try:
+                weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{folder / HF_INDEX}: not a valid safetensors index ({e})") from None
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{folder}: shard(s) listed in {HF_INDEX} are missing: {', '.join(missing)}")
+            return files
+        shards = sorted(folder.glob("*.safetensors"))
+        if shards:
+            return shards
+        pickled = [name for name in PICKLED if (folder / name).is_file()] + sorted(
+            p.name for p in folder.glob("pytorch_model-*.bin"))
+        if pickled:
+            raise UserError(
+                f"{folder}: only pickled weights ({', '.join(pickled)}); instructgpt never unpickles checkpoints. "
+                "Convert them to safetensors first, for example with transformers in a trusted environment: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)"
+            )
+        raise UserError(f"{folder}: no weights found (expected {HF_WEIGHTS} or {HF_INDEX} with its shards)")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in self._where:
+            raise UserError(f"{self.folder}: missing weight {key} (expected shape {tuple(shape)})")
+        tensor = self._handles[self._where[key]].get_tensor(key)
+        if tuple(tensor.shape) != tuple(shape):
+            raise UserError(f"{self.folder}: weight {key} has shape {tuple(tensor.shape)}, "
+                            f"the config implies {tuple(shape)}")
+        self._used.add(key)
+        return tensor
+
+    def ignore(self, key: str) -> None:
+        self._used.add(key)
+
+    def check_all_used(self) -> None:
+        left = sorted(k for k in self._where if k not in self._used and not k.endswith(IGNORED_SUFFIXES))
+        if left:
+            shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+            raise UserError(f"{self.folder}: weight(s) the config does not account for: {shown}")
+
+
+def read_hf_config(folder: Path) -> tuple[dict, str, str]:
+    """The HF config, its family ("gpt2" or "llama") and what it holds ("gpt" or "scalar")."""
+    path = folder / HF_CONFIG
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder (expected a local Hugging Face model folder)")
+    if not path.is_file():
+        raise UserError(f"{folder}: no {HF_CONFIG} (expected a Hugging Face model folder)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    arch = archs[0] if len(archs) == 1 else None
+    supported = sorted(GPT2_ARCHS) + sorted(LLAMA_ARCHS)
+    if model_type == "gpt2" and (arch is None or arch in GPT2_ARCHS):
+        family, kind = "gpt2", GPT2_ARCHS.get(arch, "gpt")
+    elif model_type in LLAMA_TYPES and (arch is None or arch in LLAMA_ARCHS):
+        family, kind = "llama", LLAMA_ARCHS.get(arch, "gpt")
+    else:
+        raise UserError(f"{path}: unsupported model (model_type={model_type!r}, architectures={archs}); "
+                        f"supported: {', '.join(supported)}")
+    if kind == "scalar":
+        n_labels = len(hf.get("id2label") or {"0": ""}) if "num_labels" not in hf else hf["num_labels"]
+        if n_labels != 1:
+            raise UserError(f"{path}: a sequence classifier with {n_labels} labels; a reward model has 1")
+    return hf, family, kind
+
+
+def _need(hf: dict, key: str, source: Path):
+    if key not in hf or hf[key] is None:
+        raise UserError(f"{source / HF_CONFIG}: missing {key!r}")
+    return hf[key]
+
+
+def _check(ok: bool, source: Path, message: str) -> None:
+    if not ok:
+        raise UserError(f"{source / HF_CONFIG}: unsupported: {message}")
+
+
+def gpt2_model_config(hf: dict, vocab_size: int, source: Path) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    # gelu_new and gelu_pytorch_tanh are both the tanh approximation our MLP computes.
+    _check(act in ("gelu_new", "gelu_pytorch_tanh"), source, f"activation_function {act!r}")
+    _check(hf.get("scale_attn_weights", True), source, "scale_attn_weights=false")
+    _check(not hf.get("scale_attn_by_inverse_layer_idx", False), source, "scale_attn_by_inverse_layer_idx")
+    _check(not hf.get("add_cross_attention", False), source, "add_cross_attention")
+    return ModelConfig.gpt2(
+        vocab_size=vocab_size,
+        block_size=_need(hf, "n_positions", source),
+        n_layer=_need(hf, "n_layer", source),
+        n_head=_need(hf, "n_head", source),
+        n_embd=_need(hf, "n_embd", source),
+        intermediate_size=hf.get("n_inner"),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _rope(hf: dict, source: Path) -> tuple[float, dict | None]:
+    """RoPE base and scaling from either config format: transformers 5 (`rope_parameters`) or 4
+    (`rope_theta` + `rope_scaling`)."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = params or dict(hf.get("rope_scaling") or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    _check(kind in ("default", "linear", "llama3"), source, f"rope type {kind!r} (supported: linear, llama3)")
+    _check(hf.get("partial_rotary_factor", 1.0) == 1.0, source, "partial_rotary_factor")
+    if kind == "default":
+        return float(theta), None
+    return float(theta), {"rope_type": kind, **scaling}
+
+
+def llama_model_config(hf: dict, vocab_size: int, source: Path) -> ModelConfig:
+    model_type = hf["model_type"]
+    C, H = _need(hf, "hidden_size", source), _need(hf, "num_attention_heads", source)
+    K = hf.get("num_key_value_heads") or H
+    block_size = _need(hf, "max_position_embeddings", source)
+    _check(hf.get("hidden_act", "silu") == "silu", source, f"hidden_act {hf.get('hidden_act')!r}")
+    _check(hf.get("head_dim") in (None, C // H), source, f"head_dim {hf.get('head_dim')} != hidden_size/heads")
+    _check(not hf.get("mlp_bias", False), source, "mlp_bias")
+    if model_type == "llama":
+        # Llama's attention_bias also puts a bias on o_proj, which our attention lacks.
+        _check(not hf.get("attention_bias", False), source, "attention_bias on a Llama model")
+    window = hf.get("sliding_window")
+    qwen2_sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
+    sliding = model_type == "mistral" or (model_type == "qwen2" and qwen2_sliding)
+    if sliding and window is not None and window < block_size:
+        raise UserError(f"{source / HF_CONFIG}: sliding-window attention over {window} tokens is shorter than "
+                        f"the context of {block_size} (max_position_embeddings); our attention is global, so "
+                        f"the model would differ beyond {window} tokens. Set max_position_embeddings to "
+                        f"{window} or less in a copy of the folder to import it with a shorter context")
+    theta, scaling = _rope(hf, source)
+    return ModelConfig.llama(
+        vocab_size=vocab_size,
+        block_size=block_size,
+        n_layer=_need(hf, "num_hidden_layers", source),
+        n_head=H,
+        n_kv_head=K if K != H else None,
+        n_embd=C,
+        intermediate_size=_need(hf, "intermediate_size", source),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_bias=True if model_type == "qwen2" else None,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights: HF names and layouts -> ours
+
+
+def _gpt2_tensors(w: HFWeights, cfg: ModelConfig, n_hf: int, kind: str) -> dict[str, torch.Tensor]:
+    # The original GPT-2 checkpoints store the trunk without the "transformer." prefix.
+    p = "transformer." if "transformer.wte.weight" in w or "wte.weight" not in w else ""
+    C, I, L = cfg.n_embd, cfg.hidden_dim, cfg.n_layer
+
+    def linear(name: str, n_in: int, n_out: int) -> dict[str, torch.Tensor]:
+        # Conv1D stores (in, out); nn.Linear wants (out, in).
+        return {"weight": w.take(f"{name}.weight", (n_in, n_out)).t(), "bias": w.take(f"{name}.bias", (n_out,))}
+
+    def norm(name: str) -> dict[str, torch.Tensor]:
+        return {"weight": w.take(f"{name}.weight", (C,)), "bias": w.take(f"{name}.bias", (C,))}
+
+    out = {"transformer.wte.weight": w.take(f"{p}wte.weight", (n_hf, C)),
+           "transformer.wpe.weight": w.take(f"{p}wpe.weight", (cfg.block_size, C))}
+    parts: list[tuple[str, dict]] = [("transformer.ln_f", norm(f"{p}ln_f"))]
+    for i in range(L):
+        hp, op = f"{p}h.{i}.", f"transformer.h.{i}."
+        parts += [
+            (op + "ln_1", norm(hp + "ln_1")),
+            (op + "attn.qkv_proj", linear(hp + "attn.c_attn", C, 3 * C)),  # columns [q, k, v] already
+            (op + "attn.o_proj", linear(hp + "attn.c_proj", C, C)),
+            (op + "ln_2", norm(hp + "ln_2")),
+            (op + "mlp.fc", linear(hp + "mlp.c_fc", C, I)),
+            (op + "mlp.proj", linear(hp + "mlp.c_proj", I, C)),
+        ]
+    for prefix, tensors in parts:
+        out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+    out.update(_head_tensors(w, cfg, n_hf, kind, "lm_head.weight", "score.weight"))
+    return out
+
+
+def _llama_tensors(w: HFWeights, cfg: ModelConfig, n_hf: int, kind: str) -> dict[str, torch.Tensor]:
+    C, I, D = cfg.n_embd, cfg.hidden_dim, cfg.head_dim
+    H, K = cfg.n_head, cfg.kv_heads
+    out = {"transformer.wte.weight": w.take("model.embed_tokens.weight", (n_hf, C)),
+           "transformer.ln_f.weight": w.take("model.norm.weight", (C,))}
+    for i in range(cfg.n_layer):
+        hp, op = f"model.layers.{i}.", f"transformer.h.{i}."
+        q, k, v = (w.take(f"{hp}self_attn.{n}_proj.weight", (m * D, C)) for n, m in (("q", H), ("k", K), ("v", K)))
+        out[op + "attn.qkv_proj.weight"] = torch.cat([q, k, v])  # rows [q (H*D), k (K*D), v (K*D)]
+        if cfg.attention_bias:
+            out[op + "attn.qkv_proj.bias"] = torch.cat(
+                [w.take(f"{hp}self_attn.{n}_proj.bias", (m * D,)) for n, m in (("q", H), ("k", K), ("v", K))])
+        out[op + "attn.o_proj.weight"] = w.take(hp + "self_attn.o_proj.weight", (C, H * D))
+        gate, up = (w.take(f"{hp}mlp.{n}_proj.weight", (I, C)) for n in ("gate", "up"))
+        out[op + "mlp.fc.weight"] = torch.cat([gate, up])  # rows [gate (I), up (I)]: silu(gate) * up
+        out[op + "mlp.proj.weight"] = w.take(hp + "mlp.down_proj.weight", (C, I))
+        out[op + "ln_1.weight"] = w.take(hp + "input_layernorm.weight", (C,))
+        out[op + "ln_2.weight"] = w.take(hp + "post_attention_layernorm.weight", (C,))
+    out.update(_head_tensors(w, cfg, n_hf, kind, "lm_head.weight", "score.weight"))
+    return out
+
+
+def _head_tensors(w: HFWeights, cfg: ModelConfig, n_hf: int, kind: str, lm_key: str, score_key: str) -> dict:
+    C = cfg.n_embd
+    if kind == "scalar":
+        return {"score_head.weight": w.take(score_key, (1, C))}
+    if cfg.tie_embeddings:
+        if lm_key in w:
+            w.ignore(lm_key)  # some tied checkpoints store the shared matrix twice
+        return {}
+    return {"lm_head.weight": w.take(lm_key, (n_hf, C))}
+
+
+def _resize_vocab(rows: torch.Tensor, n_real: int, new_ids: list[int], cfg: ModelConfig) -> torch.Tensor:
+    """HF rows (n_hf, C) -> ours (padded_vocab, C): HF rows first; rows of new tokens (and of any id past
+    the HF matrix) the mean of the rows of the tokenizer's original tokens; padding rows zero."""
+    rows = rows.float()
+    mean = rows[:n_real].mean(0)
+    out = torch.zeros(cfg.padded_vocab, rows.size(1))
+    n = min(rows.size(0), cfg.vocab_size)
+    out[:n] = rows[:n]
+    out[n:cfg.vocab_size] = mean
+    for i in new_ids:
+        out[i] = mean
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def import_tokenizer(folder: Path) -> tuple[Tokenizer, int, list[int]]:
+    """The HF tokenizer.json with our special tokens added where missing: (tokenizer, size before
+    adding, ids of the added tokens)."""
+    import tokenizers
+    from tokenizers import AddedToken
+
+    path = folder / TOKENIZER
+    if not path.is_file():
+        raise UserError(f"{folder}: no {TOKENIZER}; the import needs the fast-tokenizer file (a folder with only "
+                        "a sentencepiece tokenizer.model can be converted by saving its AutoTokenizer)")
+    try:
+        raw = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a malformed file
+        raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
+    size = raw.get_vocab_size(with_added_tokens=True)
+    missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return Tokenizer(raw), size, [raw.token_to_id(t) for t in missing]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Import
+
+
+def import_hf(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
+    """A local HF folder -> (our GPT or ScalarModel, our Tokenizer with the chat special tokens).
+
+    The model's vocab_size covers the HF embedding matrix and every tokenizer id (new special tokens
+    included). Raises UserError for an unsupported architecture, pickled-only weights, a missing weight,
+    a weight of the wrong shape, or weights the config does not account for."""
+    src = Path(src)
+    hf, family, kind = read_hf_config(src)
+    tok, n_tok, new_ids = import_tokenizer(src)
+    n_hf = _need(hf, "vocab_size", src)
+    vocab_size = max(n_hf, tok.vocab_size)
+    make_config = gpt2_model_config if family == "gpt2" else llama_model_config
+    cfg = make_config(hf, vocab_size, src)
+    weights = HFWeights(src)
+    tensors = (_gpt2_tensors if family == "gpt2" else _llama_tensors)(weights, cfg, n_hf, kind)
+    weights.check_all_used()
+    n_real = min(n_tok, n_hf)
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in tensors:
+            tensors[key] = _resize_vocab(tensors[key], n_real, new_ids, cfg)
+    tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+    if kind == "scalar":
+        tensors["score_head.bias"] = torch.tensor([float(hf.get(SCORE_BIAS_KEY, 0.0))])
+    model = build_model(cfg, scalar=kind == "scalar")
+    load_state_dict(model, tensors, str(src))
+    return model.to(dtype).eval(), tok
+
+
+def import_command(src: Path, out: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+    """Import a local Hugging Face checkpoint (GPT-2, Llama, Mistral or Qwen2; safetensors only).
+
+    Writes OUT/model.safetensors, OUT/config.json and OUT/tokenizer.json, the tokenizer with our chat
+    special tokens added where missing (their embeddings start as the mean of the others).
+
+    Args:
+        src: the HF model folder (config.json, model.safetensors or shards + index, tokenizer.json).
+        out: the checkpoint folder to write.
+        dtype: dtype of the stored weights.
+    """
+    model, tok = import_hf(src, DTYPES[dtype])
+    hf, _, _ = read_hf_config(Path(src))
+    save_model(model, out, extra={"imported_from": {"path": str(src), "model_type": hf.get("model_type"),
+                                                    "architectures": hf.get("architectures")}})
+    tok.save(Path(out))
+    cfg = model.config
+    print(f"imported {src} -> {out}: {hf.get('model_type')}, {cfg.n_layer} layers, {cfg.n_embd} wide, "
+          f"vocab {cfg.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """"gpt2", "llama" or "qwen2": the HF architecture that computes exactly what this config does."""
+    attn_bias = cfg.bias if cfg.attention_bias is None else cfg.attention_bias
+    if cfg.arch != "gpt":
+        raise UserError("only decoder-only models can be exported to Hugging Face (not seq2seq)")
+    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias, attn_bias) == ("learned", "layernorm", "gelu", True, True):
+        if cfg.kv_heads != cfg.n_head:
+            raise UserError("GPT-2 has no grouped-query attention: cannot export n_kv_head < n_head")
+        return "gpt2"
+    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False):
+        return "qwen2" if attn_bias else "llama"
+    raise UserError(f"no Hugging Face architecture matches position={cfg.position}, norm={cfg.norm}, "
+                    f"mlp={cfg.mlp}, bias={cfg.bias}, attention_bias={cfg.attention_bias}: export supports "
+                    "GPT-2 style (learned, layernorm, gelu, biases) and Llama style (rope, rmsnorm, swiglu)")
+
+
+def hf_config(cfg: ModelConfig, kind: str, tok: Tokenizer | None, score_bias: float = 0.0) -> dict:
+    """The HF config.json of our model."""
+    family = hf_family(cfg)
+    head = "ForSequenceClassification" if kind == "scalar" else ("LMHeadModel" if family == "gpt2" else "ForCausalLM")
+    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[family]
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tok is not None:
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    out: dict = {"architectures": [name + head], "model_type": family, "vocab_size": cfg.vocab_size,
+                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
+                 "initializer_range": 0.02, **ids}
+    if kind == "scalar":
+        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type="regression")
+        if score_bias:
+            out[SCORE_BIAS_KEY] = score_bias
+    if family == "gpt2":
+        return {**out, "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,  # None: 4C in both
+                "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout,
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "reorder_and_upcast_attn": False}
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    rope_parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
+    out.update({
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+        "attention_dropout": cfg.attn_dropout,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
+        "rope_parameters": rope_parameters, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+    })
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                   layer_types=["full_attention"] * cfg.n_layer)
+    return out
+
+
+def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+    """Our weights under HF names and layouts, vocabulary unpadded, plus the score bias HF could not
+    take (0 when it was folded in or the model has no score head)."""
+    cfg = model.config
+    family = hf_family(cfg)
+    V, D, H, K, I = cfg.vocab_size, cfg.head_dim, cfg.n_head, cfg.kv_heads, cfg.hidden_dim
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    left_bias = 0.0
+    trunk = "transformer." if family == "gpt2" else "model."
+    if family == "gpt2":
+        out[trunk + "wte.weight"] = sd["transformer.wte.weight"][:V]
+        out[trunk + "wpe.weight"] = sd["transformer.wpe.weight"]
+        out[trunk + "ln_f.weight"] = sd["transformer.ln_f.weight"]
+        out[trunk + "ln_f.bias"] = sd["transformer.ln_f.bias"]
+        for i in range(cfg.n_layer):
+            op, hp = f"transformer.h.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("attn.qkv_proj", "attn.c_attn"),
+                                 ("attn.o_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                weight = sd[f"{op}{ours}.weight"]
+                out[f"{hp}{theirs}.weight"] = weight if ours.startswith("ln") else weight.t()  # Conv1D: (in, out)
+                out[f"{hp}{theirs}.bias"] = sd[f"{op}{ours}.bias"]
+    else:
+        out["model.embed_tokens.weight"] = sd["transformer.wte.weight"][:V]
+        out["model.norm.weight"] = sd["transformer.ln_f.weight"]
+        for i in range(cfg.n_layer):
+            op, hp = f"transformer.h.{i}.", f"model.layers.{i}."
+            q, k, v = sd[op + "attn.qkv_proj.weight"].split([H * D, K * D, K * D])
+            out.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
+                        hp + "self_attn.v_proj.weight": v})
+            if family == "qwen2":
+                qb, kb, vb = sd[op + "attn.qkv_proj.bias"].split([H * D, K * D, K * D])
+                out.update({hp + "self_attn.q_proj.bias": qb, hp + "self_attn.k_proj.bias": kb,
+                            hp + "self_attn.v_proj.bias": vb})
+            out[hp + "self_attn.o_proj.weight"] = sd[op + "attn.o_proj.weight"]
+            gate, up = sd[op + "mlp.fc.weight"].split([I, I])
+            out.update({hp + "mlp.gate_proj.weight": gate, hp + "mlp.up_proj.weight": up,
+                        hp + "mlp.down_proj.weight": sd[op + "mlp.proj.weight"],
+                        hp + "input_layernorm.weight": sd[op + "ln_1.weight"],
+                        hp + "post_attention_layernorm.weight": sd[op + "ln_2.weight"]})
+    if isinstance(model, ScalarModel):
+        weight, bias = sd["score_head.weight"], float(sd["score_head.bias"][0])
+        out["score.weight"] = weight
+        norm_bias = trunk + "ln_f.bias"
+        if norm_bias in out and bias != 0.0 and float(weight.pow(2).sum()) > 0:
+            # HF's score layer has no bias. With a LayerNorm bias beta before it, w.(g n + beta) + b equals
+            # w.(g n + beta + b w / |w|^2): the constant moves into beta and the scores stay the same.
+            out[norm_bias] = out[norm_bias] + bias * weight[0] / weight.pow(2).sum()
+        else:
+            left_bias = bias
+    elif not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    return {k: v.contiguous() for k, v in out.items()}, left_bias
+
+
+def _chat_template() -> str:
+    # chat.render as Jinja: <|bos|> then <|role|> content <|eos|> per message; <|assistant|> to generate.
+    return ("{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+            "+ '<|eos|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
+    """tokenizer_config.json, special_tokens_map.json and generation_config.json for AutoTokenizer and
+    generate(): a plain PreTrainedTokenizerFast over tokenizer.json, our special tokens, left padding."""
+    names = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    extra = [t for t in SPECIAL_TOKENS if t not in names.values()]
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", **names, "additional_special_tokens": extra,
+        "model_max_length": cfg.block_size, "padding_side": "left", "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "add_eos_token": False, "chat_template": _chat_template(),
+    }
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {"tokenizer_config.json": tokenizer_config,
+            "special_tokens_map.json": {**names, "additional_special_tokens": extra},
+            "generation_config.json": generation}
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Our checkpoint folder (GPT or ScalarModel) -> an HF folder that transformers' Auto classes load.
+
+    The tokenizer is taken from `model_dir/tokenizer.json`; without it only the weights and config are
+    written (and `log` says so)."""
+    from safetensors.torch import save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = load_model(model_dir)
+    if not isinstance(model, GPT | ScalarModel):
+        raise UserError(f"{model_dir}: only GPT and scalar (reward) models can be exported to Hugging Face")
+    cfg = model.config
+    kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
+    tok = None
+    if (model_dir / TOKENIZER).is_file():
+        tok = Tokenizer.load(model_dir / TOKENIZER)
+        if tok.vocab_size > cfg.vocab_size:
+            raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
+    else:
+        log(f"note: {model_dir} has no {TOKENIZER}: exporting the weights and config only (no tokenizer, "
+            "no bos/eos/pad ids); copy the run's tokenizer.json there and export again for a complete folder")
+    tensors, score_bias = hf_tensors(model)
+    config = hf_config(cfg, kind, tok, score_bias)
+    if score_bias:
+        log(f"note: HF's {config['architectures'][0]} has no bias on its score layer and an RMSNorm without "
+            f"bias precedes it, so the exported scores are ours minus {score_bias:.6g} (kept in config.json "
+            f"as {SCORE_BIAS_KEY}); rankings and preference probabilities are unchanged")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files = {HF_CONFIG: config}
+    if tok is not None:
+        files.update(tokenizer_files(tok, cfg))
+        if kind == "scalar":
+            del files["generation_config.json"]  # a classifier does not generate
+        tok.save(out_dir / TOKENIZER)
+    for name, content in files.items():
+        _atomic_write(out_dir / name, lambda tmp, c=content: Path(tmp).write_text(json.dumps(c, indent=2) + "\n"))
+    return out_dir
+
+
+def export_command(src: Path, out: Path) -> None:
+    """Export our checkpoint (language or reward model) as a Hugging Face model folder.
+
+    GPT-2 style models become GPT2LMHeadModel / GPT2ForSequenceClassification, Llama style ones
+    LlamaForCausalLM / LlamaForSequenceClassification (Qwen2* with q/k/v biases). SRC/tokenizer.json is
+    exported with them when present.
+
+    Args:
+        src: our checkpoint folder (model.safetensors + config.json, and tokenizer.json).
+        out: the folder to write (config.json, model.safetensors, tokenizer files).
+    """
+    export_hf(src, out)
+    print(f"exported {src} -> {out}")
+
+
+__all__ = ["HFWeights", "export_command", "export_hf", "hf_config", "hf_tensors", "import_command", "import_hf"]
