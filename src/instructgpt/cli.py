@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "instructgpt.prepare:prepare_command",
     "import-hf": "instructgpt.hf:import_command",
     "export-hf": "instructgpt.hf:export_command",
+    "pretrain": "instructgpt.pretrain:pretrain_command",
 }
 
 

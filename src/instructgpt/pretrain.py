@@ -1,0 +1,421 @@
+"""The `instructgpt pretrain` stage: next-token prediction on the token shards `prepare` wrote.
+
+Reads top to bottom: check the inputs, set up, (resume,) train, export.
+
+    DATA/meta.json, train_*.bin, val_*.bin, tokenizer.json   (from `instructgpt prepare`)
+      -> OUT/model.safetensors, config.json, tokenizer.json  the pretrained model (the next stage's --init)
+         OUT/samples.txt                                     a few generations from it
+         OUT/metrics.jsonl                                   train loss, val loss, lr, tokens/s, ...
+         OUT/checkpoints/step_NNNNNNN/                       resumable state (weights, optimizer, RNG, data)
+         OUT/done.json                                       written last: the stage completed
+
+Batches are random windows of block_size + 1 tokens from the train shards, drawn by a seeded numpy
+Generator whose state is checkpointed, so a resumed run sees exactly the batches an uninterrupted run
+would have seen. Validation uses the same fixed windows at every evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .model import GPT, PRESETS, ModelConfig
+from .train import (
+    Checkpointer,
+    MetricsLog,
+    Progress,
+    Runtime,
+    Timer,
+    TrainConfig,
+    config_dict,
+    make_optimizer,
+    mfu,
+    prepare_model,
+    setup,
+    token_cross_entropy,
+    train_step,
+    training_flops_per_token,
+)
+
+DONE = "done.json"
+_SHAPE_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256)  # the "tiny" preset
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: random windows from memmapped shards
+
+
+class WindowSampler:
+    """Uniformly random windows of `window` consecutive tokens over a list of shards (a window never
+    spans two shards). One call draws a whole batch with numpy fancy indexing: no Python per token."""
+
+    def __init__(self, shards: list[np.memmap], window: int):
+        self.window = window
+        self.shards = [s for s in shards if len(s) >= window]
+        counts = np.array([len(s) - window + 1 for s in self.shards], dtype=np.int64)
+        self.ends = np.cumsum(counts)  # window starts of shard i are [ends[i-1], ends[i]) globally
+        self.starts = self.ends - counts
+        self.offsets = np.arange(window, dtype=np.int64)  # (W,)
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def sample(self, rng: np.random.Generator, B: int) -> np.ndarray:
+        """(B, W) int64 token ids."""
+        g = rng.integers(0, self.n_windows, size=B)  # (B,) global window index
+        if len(self.shards) == 1:
+            return self.shards[0][g[:, None] + self.offsets].astype(np.int64)
+        which = np.searchsorted(self.ends, g, side="right")  # (B,) shard of each window
+        start = g - self.starts[which]
+        out = np.empty((B, self.window), dtype=np.int64)
+        for i in np.unique(which):
+            rows = which == i
+            out[rows] = self.shards[i][start[rows, None] + self.offsets]
+        return out
+
+
+def to_batch(windows: np.ndarray, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (B, T+1) -> inputs x (B, T) and targets y (B, T) = x shifted by one, on the device."""
+    t = torch.from_numpy(windows)
+    if runtime.device.type == "cuda":
+        t = t.pin_memory().to(runtime.device, non_blocking=True)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def lm_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return token_cross_entropy(model(x), y)
+
+
+def n_targets(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[1].numel()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sampler: WindowSampler, iters: int, batch_size: int, seed: int,
+             runtime: Runtime) -> float:
+    """Mean per-token loss over `iters` batches; the same windows every time (a fixed seed), and no
+    global generator is touched, so evaluating does not change the training run."""
+    rng = np.random.default_rng([seed, 1])
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=runtime.device)
+    count = 0
+    for _ in range(iters):
+        batch = to_batch(sampler.sample(rng, batch_size), runtime)
+        with runtime.autocast():
+            total += lm_loss_sum(model, batch).float()
+        count += n_targets(batch)
+    model.train(was_training)
+    return float(total) / count
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking the inputs before anything runs
+
+
+def read_meta(data: Path) -> dict:
+    """meta.json of a prepared data folder, with the vocabulary checked against the shard dtype."""
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such folder (run `instructgpt prepare --out {data}` first)")
+    meta_file = data / "meta.json"
+    if not meta_file.is_file():
+        raise UserError(f"--data {data} holds no meta.json and no token shards: "
+                        f"run `instructgpt prepare --out {data}` first")
+    try:
+        meta = json.loads(meta_file.read_text())
+        dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta_file} is not a valid shard index ({e!r})") from None
+    if dtype.kind != "u":
+        raise UserError(f"{meta_file}: shard dtype {dtype} is not an unsigned integer type")
+    if vocab_size < 1 or vocab_size - 1 > np.iinfo(dtype).max:
+        raise UserError(f"{meta_file}: vocab_size {vocab_size} does not fit the shard dtype {dtype} "
+                        f"(ids up to {np.iinfo(dtype).max}): the shards cannot hold this vocabulary")
+    return meta
+
+
+def model_config(preset: str | None, vocab_size: int, n_layer, n_head, n_embd, block_size, dropout: float,
+                 family: str) -> tuple[ModelConfig, int]:
+    """The model to train and the training window. A preset fixes the model's context; --block-size may
+    only shorten the window within it."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")
+    shape = {**_SHAPE_DEFAULTS, **{k: v for k, v in PRESETS.get(preset, {}).items() if k != "vocab_size"}}
+    for name, value in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd).items():
+        if value is not None:
+            shape[name] = value
+    context = shape["block_size"]
+    window = context if block_size is None else block_size
+    if window < 1:
+        raise UserError(f"--block-size must be at least 1, got {window}")
+    if preset is None:
+        shape["block_size"] = context = window
+    elif window > context:
+        raise UserError(f"--block-size {window} is beyond the model's context of {context} tokens "
+                        f"(preset {preset!r})")
+    make = ModelConfig.llama if family == "llama" else ModelConfig.gpt2
+    try:
+        cfg = make(vocab_size=vocab_size, dropout=dropout, **shape)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return cfg, window
+
+
+def check_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if resume:
+        return
+    if (out / DONE).is_file():
+        raise UserError(f"--out {out} holds a finished pretraining run ({DONE}); pass --resume to keep it "
+                        "(or train further with a larger --max-steps), or choose another --out")
+    if Checkpointer(out).latest() is not None:
+        raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                        "or choose another --out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples
+
+
+def write_samples(model: GPT, data: Path, out: Path, n: int, seed: int) -> None:
+    """n generations from the start of a document: the first greedy, the others sampled (T = 0.8)."""
+    from .generate import SamplingParams, generate
+
+    tokenizer = None
+    if (data / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(data / "tokenizer.json")
+    meta = json.loads((data / "meta.json").read_text())
+    eos = int(meta.get("eos_id", 0))
+    pad = tokenizer.pad_id if tokenizer is not None else eos
+    max_new = min(200, model.config.block_size - 1)
+    parts = []
+    for i in range(n):
+        params = SamplingParams(max_new_tokens=max_new, temperature=0.0 if i == 0 else 0.8, top_k=200,
+                                seed=seed + i)
+        ids = generate(model, [[eos]], params, eos_id=eos, pad_id=pad).token_lists()[0]
+        text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+        parts.append(f"--- sample {i} ({'greedy' if i == 0 else 'temperature 0.8'}) ---\n{text}\n")
+    (out / "samples.txt").write_text("\n".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class _Clock:
+    """Seconds spent by this and earlier (resumed) processes."""
+
+    before: float
+    start: float
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def pretrain_command(
+    data: Path,
+    out: Path,
+    preset: str | None = None,
+    n_layer: int | None = None,
+    n_head: int | None = None,
+    n_embd: int | None = None,
+    block_size: int | None = None,
+    dropout: float = 0.0,
+    family: Literal["gpt2", "llama"] = "gpt2",
+    arch: Literal["gpt"] = "gpt",
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    min_lr: float | None = None,
+    warmup_steps: int = 100,
+    max_steps: int = 2000,
+    weight_decay: float = 0.1,
+    beta2: float = 0.99,
+    grad_clip: float = 1.0,
+    eval_interval: int = 250,
+    eval_iters: int = 20,
+    log_interval: int = 10,
+    checkpoint_interval: int = 500,
+    keep_last: int = 2,
+    seed: int = 1337,
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: bool | None = None,
+    resume: bool = False,
+    samples: int = 3,
+) -> None:
+    """Pretrain a language model by next-token prediction on prepared token shards.
+
+    Writes OUT/model.safetensors, config.json, tokenizer.json, samples.txt, metrics.jsonl, checkpoints/
+    and, last, done.json. With --resume, continues from the latest checkpoint in OUT exactly as if the run
+    had not stopped (or starts fresh when there is none).
+
+    Args:
+        data: a folder written by `instructgpt prepare` (meta.json, train_*.bin, val_*.bin, tokenizer.json).
+        out: the stage folder to write.
+        preset: model shape: tiny, small or gpt2-124m; --n-layer/--n-head/--n-embd override it.
+        n_layer: decoder blocks (default: the preset's, else 4).
+        n_head: attention heads (default: the preset's, else 4).
+        n_embd: residual width (default: the preset's, else 128).
+        block_size: tokens per training window; without a preset also the model's context (default 256).
+        dropout: residual and embedding dropout.
+        family: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU).
+        arch: decoder-only ("gpt") is the only pretraining architecture.
+        batch_size: sequences per micro-batch (per rank).
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine (default lr / 10).
+        warmup_steps: linear warm-up steps.
+        max_steps: optimizer steps.
+        weight_decay: AdamW weight decay on matrices.
+        beta2: AdamW beta2.
+        grad_clip: clip the gradient norm to this (0 disables).
+        eval_interval: validation loss every this many steps (and at the end).
+        eval_iters: validation batches per evaluation.
+        log_interval: metrics every this many steps.
+        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
+        keep_last: step checkpoints to keep.
+        seed: seeds the model's initialisation, dropout and the order of the data.
+        device: auto, cpu, cuda or cuda:N.
+        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16.
+        compile: torch.compile the model (default: on for CUDA, off on CPU).
+        resume: continue the run in OUT from its latest checkpoint.
+        samples: generations written to OUT/samples.txt at the end (0 for none).
+    """
+    data, out = Path(data), Path(out)
+    clock = _Clock(0.0, time.perf_counter())
+
+    # 1. check everything a user can get wrong before training starts
+    if arch != "gpt":
+        raise UserError(f"--arch {arch!r}: pretraining supports only the decoder-only 'gpt'")
+    if eval_iters < 1:
+        raise UserError(f"--eval-iters must be at least 1, got {eval_iters}")
+    if samples < 0:
+        raise UserError(f"--samples must be >= 0, got {samples}")
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
+                      warmup_steps=warmup_steps, max_steps=max_steps, weight_decay=weight_decay, beta2=beta2,
+                      grad_clip=grad_clip, seed=seed, device=device, dtype=dtype, compile=compile,
+                      eval_interval=eval_interval, log_interval=log_interval,
+                      checkpoint_interval=checkpoint_interval, keep_last=keep_last)
+    cfg.validate()
+    read_meta(data)
+    from .prepare import load_shards
+
+    meta, train_shards, val_shards = load_shards(data)
+    model_cfg, T = model_config(preset, int(meta["vocab_size"]), n_layer, n_head, n_embd, block_size, dropout,
+                                family)
+    train_data = WindowSampler(train_shards, T + 1)
+    if train_data.n_windows == 0:
+        longest = max((len(s) for s in train_shards), default=0)
+        raise UserError(f"{data}: the longest train shard holds {longest} tokens, fewer than one window of "
+                        f"block_size + 1 = {T + 1}; lower --block-size or prepare more data")
+    val_data = WindowSampler(val_shards, T + 1)
+    check_out(out, resume)
+
+    # 2. set up: runtime, model, optimizer, and the state of a resumed run
+    runtime = setup(cfg)
+    say = Progress(0, enabled=runtime.is_main, description="").print
+    if val_data.n_windows == 0:
+        say(f"warning: {data} has no validation window of {T + 1} tokens: no val loss will be reported")
+    raw = GPT(model_cfg).to(runtime.device)
+    optimizer = make_optimizer(raw, cfg, runtime)
+    ckpt = Checkpointer(out, keep_last=cfg.keep_last)
+    run_config = {"stage": "pretrain", "data": str(data), "train": config_dict(cfg), "block_size": T,
+                  "eval_iters": eval_iters}
+    data_rng = np.random.default_rng([seed, runtime.rank])
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "train_loss": None, "val_loss": None}
+    latest = ckpt.latest() if resume else None
+    if latest is not None:
+        saved = json.loads((latest / "model" / "config.json").read_text())["model"]
+        if saved != model_cfg.to_dict():
+            diff = sorted(k for k in saved if saved[k] != model_cfg.to_dict().get(k))
+            raise UserError(f"--resume: the checkpoint {latest} has a different model ({', '.join(diff)} "
+                            "differ); pass the same shape flags as the run that wrote it")
+        state = ckpt.load(latest, {"model": raw}, {"model": optimizer})
+        data_rng.bit_generator.state = state["data_rng"]
+        clock.before = state["seconds"]
+        say(f"resumed from {latest} at step {state['step']}")
+        if state["step"] >= cfg.max_steps and (out / DONE).is_file():
+            say(f"{out} is complete ({state['step']} steps, --max-steps {cfg.max_steps}): nothing to do")
+            return
+    elif resume:
+        say(f"--resume: no checkpoint in {out}, starting from scratch")
+    (out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(raw, runtime)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state["step"], enabled=runtime.is_main)
+    flops_per_token = training_flops_per_token(raw, T)
+    say(f"pretraining a {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M-parameter model on {data} "
+        f"({train_data.n_windows:,} train windows of {T} tokens) for {cfg.max_steps} steps on {runtime.device}")
+
+    def save(step: int) -> None:
+        ckpt.save(step, {"model": raw}, {"model": optimizer},
+                  {**state, "step": step, "data_rng": data_rng.bit_generator.state, "seconds": clock.total()},
+                  extra_config=run_config)
+
+    # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
+    if state["step"] == 0 and val_data.n_windows:
+        state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime)
+        metrics.log(0, val_loss=state["val_loss"])
+    timer, tokens_since = Timer(runtime.device), 0
+    with Progress(cfg.max_steps, start=state["step"], enabled=runtime.is_main, description="pretrain") as bar:
+        for step in range(state["step"], cfg.max_steps):
+            micro = [to_batch(train_data.sample(data_rng, cfg.batch_size), runtime) for _ in range(cfg.grad_accum)]
+            done = step + 1
+            log_now = done % cfg.log_interval == 0 or done == cfg.max_steps
+            stats = train_step(model, optimizer, micro, lm_loss_sum, n_targets, cfg, runtime, step, sync=log_now)
+            state["tokens"] += stats["tokens"]
+            tokens_since += stats["tokens"]
+            record = {}
+            if log_now:
+                dt = timer.lap()
+                tok_s = tokens_since / dt
+                tokens_since = 0
+                state["train_loss"] = stats["loss"]
+                record.update(loss=stats["loss"], grad_norm=stats["grad_norm"], lr=stats["lr"],
+                              tokens=state["tokens"], tokens_per_s=round(tok_s, 1))
+                util = mfu(flops_per_token, tok_s, runtime.device, runtime.world_size)
+                if util is not None:
+                    record["mfu"] = round(util, 4)
+                bar.update(done, stats["loss"], tok_s)
+            if val_data.n_windows and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+                state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime)
+                record["val_loss"] = state["val_loss"]
+                bar.print(f"step {done}: train loss {state['train_loss']:.4f}, val loss {state['val_loss']:.4f}")
+                timer.lap()  # evaluation time is not training throughput
+            if record:
+                metrics.log(done, **record)
+            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+                save(done)
+                timer.lap()
+
+    # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
+    ckpt.export(raw, extra={"stage": "pretrain"})
+    if runtime.is_main:
+        if (data / "tokenizer.json").is_file():
+            shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
+        if samples:
+            write_samples(raw, data, out, samples, seed)
+        done_info = {"stage": "pretrain", "step": cfg.max_steps, "val_loss": state["val_loss"],
+                     "train_loss": state["train_loss"], "tokens": state["tokens"],
+                     "seconds": round(clock.total(), 2)}
+        tmp = out / f".{DONE}.tmp"
+        tmp.write_text(json.dumps(done_info, indent=2) + "\n")
+        os.replace(tmp, out / DONE)
+        say(f"done: val loss {state['val_loss']}, {clock.total():.1f} s; wrote {out}")
