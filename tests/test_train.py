@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from instructgpt import train
+from instructgpt.errors import UserError
 from instructgpt.model import GPT, ModelConfig, count_params
 from instructgpt.train import (
     Checkpointer,
@@ -226,6 +227,25 @@ def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
 
 
+def test_best_checkpoint_and_helpers(tmp_path: Path) -> None:
+    model, *_ = trained(1)
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.best_model_path() is None
+    ckpt.save_best(model, {"val_loss": 2.5, "step": 1})
+    ckpt.save_best(model, {"val_loss": 2.0, "step": 2})
+    best = ckpt.best_model_path()
+    assert best == tmp_path / "best" and json.loads((best / "best.json").read_text())["step"] == 2
+    assert (best / "model.safetensors").is_file() and not (tmp_path / ".tmp-best").exists()
+    assert train.resolve_device("auto").type in ("cpu", "cuda") and train.resolve_device("cpu").type == "cpu"
+    with pytest.raises(UserError, match="--device"):
+        train.resolve_device("tpu")
+    with train.Progress(10, "test", start=2) as bar:  # not a terminal: silent, but accepts every form
+        bar.update(3, {"loss": 1.0, "grad_norm": torch.tensor(0.5), "lr": 1e-3})
+        bar.update(4, 0.9, tokens_per_s=100.0)
+    with pytest.raises(UserError, match="--batch-size"):
+        setup(TrainConfig(batch_size=0))
+
+
 def test_metrics_log_drops_steps_after_the_resumed_one(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (10, 20, 30):
@@ -233,7 +253,7 @@ def test_metrics_log_drops_steps_after_the_resumed_one(tmp_path: Path) -> None:
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 40, "lo')  # torn by a kill
     log = MetricsLog(tmp_path / "metrics.jsonl", resume_step=20)
-    log.log(30, loss=0.5)
+    log.write({"step": 30, "loss": 0.5})
     assert [(r["step"], r["loss"]) for r in log.read()] == [(10, 1.5), (20, 1.5), (30, 0.5)]
 
 

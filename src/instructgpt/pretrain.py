@@ -330,7 +330,11 @@ def pretrain_command(
 
     # 2. set up: runtime, model, optimizer, and the state of a resumed run
     runtime = setup(cfg)
-    say = Progress(0, enabled=runtime.is_main, description="").print
+
+    def say(message: str) -> None:
+        if runtime.is_main:
+            print(message, flush=True)
+
     if val_data.n_windows == 0:
         say(f"warning: {data} has no validation window of {T + 1} tokens: no val loss will be reported")
     raw = GPT(model_cfg).to(runtime.device)
@@ -374,7 +378,7 @@ def pretrain_command(
         state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime)
         metrics.log(0, val_loss=state["val_loss"])
     timer, tokens_since = Timer(runtime.device), 0
-    with Progress(cfg.max_steps, start=state["step"], enabled=runtime.is_main, description="pretrain") as bar:
+    with Progress(cfg.max_steps, "pretrain", start=state["step"], enabled=runtime.is_main) as bar:
         for step in range(state["step"], cfg.max_steps):
             micro = [to_batch(train_data.sample(data_rng, cfg.batch_size), runtime) for _ in range(cfg.grad_accum)]
             done = step + 1

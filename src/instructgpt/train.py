@@ -131,6 +131,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> cuda if available else cpu; checks that a requested CUDA device exists."""
+    name = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return dev
+
+
 def setup(cfg: TrainConfig) -> Runtime:
     """Pick the device and dtype, seed every generator, size the CPU thread pool, enable TF32 on CUDA,
     and join the process group when started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK)."""
@@ -139,20 +153,13 @@ def setup(cfg: TrainConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
 
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device}: CUDA is not available on this machine")
         if world_size > 1 and device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif device.type != "cpu":
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
 
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -192,6 +199,11 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     return model
+
+
+def maybe_compile(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
+    """The same as `prepare_model` (cfg is already folded into runtime.compile)."""
+    return prepare_model(model, runtime)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,29 +469,29 @@ class Checkpointer:
             os.rename(path, trash)  # a half-deleted folder must never look like a checkpoint
             shutil.rmtree(trash, ignore_errors=True)
 
-    def save_best(self, metric: float, models: dict[str, nn.Module] | nn.Module, step: int,
-                  name: str = "val_loss", lower_is_better: bool = True) -> bool:
-        """Export the models to OUT/best/ when `metric` beats the one recorded there; True if it did."""
-        if _rank()[0] != 0:
-            return False
+    def save_best(self, models_or_model: dict[str, nn.Module] | nn.Module, record: dict) -> Path:
+        """Replace OUT/best/ with these models (the stage decides what "best" means) and `record` (e.g.
+        {"val_loss": 1.9, "step": 500}) as best.json; atomic like a step checkpoint."""
         best = self.out / "best"
-        record = best / "best.json"
-        if record.is_file():
-            old = json.loads(record.read_text())[name]
-            if (metric >= old) if lower_is_better else (metric <= old):
-                return False
-        tmp = self.out / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._export_into(tmp, models, None)
-        _write_json(tmp / "best.json", {name: metric, "step": step})
-        _fsync_tree(tmp)
-        old_dir = self.out / ".old-best"
-        shutil.rmtree(old_dir, ignore_errors=True)
-        if best.exists():
-            os.rename(best, old_dir)
-        os.rename(tmp, best)
-        shutil.rmtree(old_dir, ignore_errors=True)
-        return True
+        if _rank()[0] == 0:
+            tmp = self.out / ".tmp-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._export_into(tmp, models_or_model, None)
+            _write_json(tmp / "best.json", record)
+            _fsync_tree(tmp)
+            old_dir = self.out / ".old-best"
+            shutil.rmtree(old_dir, ignore_errors=True)
+            if best.exists():
+                os.rename(best, old_dir)
+            os.rename(tmp, best)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        _barrier()
+        return best
+
+    def best_model_path(self) -> Path | None:
+        """OUT/best/ when save_best wrote it (load it with checkpoint.load_model), else None."""
+        best = self.out / "best"
+        return best if (best / "best.json").is_file() else None
 
     def export(self, models_or_model: dict[str, nn.Module] | nn.Module, extra: dict | None = None) -> Path:
         """The stage's public result: OUT/model.safetensors + OUT/config.json for one model, or
@@ -570,6 +582,11 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def write(self, row: dict) -> None:
+        """Log a row that carries its own "step"."""
+        row = dict(row)
+        self.log(int(row.pop("step")), **row)
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
@@ -585,13 +602,14 @@ def _jsonable(v: Any) -> Any:
 
 
 class Progress:
-    """A rich progress bar: step / max, loss, tokens/s, ETA. Silent when stderr is not a terminal or on
-    ranks other than 0; `print` still reports (to stdout, main rank only)."""
+    """A rich progress bar: step / total, loss, tokens/s, ETA. Silent when stderr is not a terminal or on
+    ranks other than 0; `print` still reports (to stdout, main rank only). Use as a context manager, or
+    call `close()` at the end."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, description: str = "training"):
-        self.enabled = enabled
+    def __init__(self, total: int, description: str = "training", start: int = 0, enabled: bool | None = None):
+        self.enabled = _rank()[0] == 0 if enabled is None else enabled
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if self.enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -601,25 +619,33 @@ class Progress:
                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True),
             )
             self.task = self.bar.add_task(description, total=total, completed=start, info="")
+            self.bar.start()
 
     def __enter__(self) -> Progress:
-        if self.bar is not None:
-            self.bar.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
-    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+    def update(self, step: int, stats: dict | float | None = None, tokens_per_s: float | None = None) -> None:
+        """Move to `step`; `stats` is a loss or a dict of figures (loss, tokens_per_s, anything numeric)."""
         if self.bar is None:
             return
-        info = []
-        if loss is not None:
-            info.append(f"loss {loss:.4f}")
+        stats = {"loss": stats} if isinstance(stats, (int, float)) else dict(stats or {})
         if tokens_per_s is not None:
-            info.append(f"{tokens_per_s:,.0f} tok/s")
-        self.bar.update(self.task, completed=step, info="  ".join(info))
+            stats["tokens_per_s"] = tokens_per_s
+        info = []
+        for key, value in stats.items():
+            if key in ("lr", "tokens") or not isinstance(value, (int, float, Tensor)):
+                continue
+            value = float(value)
+            info.append(f"{value:,.0f} tok/s" if key == "tokens_per_s" else f"{key} {value:.4g}")
+        self.bar.update(self.task, completed=step, info="  ".join(info[:4]))
 
     def print(self, message: str) -> None:
         if not self.enabled:
