@@ -13,11 +13,19 @@ import sys
 
 # name -> "module:function", in the order of the recipe.
 COMMANDS: dict[str, str] = {
+    "pipeline": "instructgpt.pipeline:pipeline_command",
     "world": "instructgpt.world.command:world_command",
     "prepare": "instructgpt.prepare:prepare_command",
+    "pretrain": "instructgpt.pretrain:pretrain_command",
+    "sft": "instructgpt.sft:sft_command",
+    "collect": "instructgpt.collect:collect_command",
+    "rm": "instructgpt.rm:rm_command",
+    "ppo": "instructgpt.ppo:ppo_command",
+    "dpo": "instructgpt.dpo:dpo_command",
+    "eval": "instructgpt.evaluate:eval_command",
+    "report": "instructgpt.report:report_command",
     "import-hf": "instructgpt.hf:import_command",
     "export-hf": "instructgpt.hf:export_command",
-    "pretrain": "instructgpt.pretrain:pretrain_command",
 }
 
 

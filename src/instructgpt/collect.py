@@ -1,0 +1,112 @@
+"""Comparison collection: sample K responses per prompt from a policy and have the labeler rank them.
+
+In the paper, labelers ranked K = 4..9 outputs of the models for each prompt; here the world's scripted
+labeler plays them. The output is a rankings file ({"prompt", "completions", "ranking"}), the same format
+a user brings, so `instructgpt rm` cannot tell who ranked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat import render_prompt
+from .checkpoint import load_model
+from .data import Prompt, read_prompts, write_jsonl
+from .errors import UserError
+from .generate import SamplingParams, generate
+from .tokenizer import Tokenizer
+from .train import Progress, resolve_device
+from .world.labeler import Labeler
+
+
+def world_record(p: Prompt) -> dict:
+    """The labeler's view of a prompt: its text plus the ground truth the world stored beside it."""
+    if "family" not in p.meta:
+        raise UserError("the labeler needs world prompts (records with 'family' and 'meta'); "
+                        "bring your own rankings for other prompts")
+    return {"prompt": p.messages[-1]["content"], "family": p.meta["family"], "meta": p.meta.get("meta", {}),
+            "id": p.meta.get("id", "")}
+
+
+def sample_responses(model, tok: Tokenizer, prompts: list[Prompt], k: list[int], params: SamplingParams,
+                     batch_size: int, generator: torch.Generator, progress: Progress | None = None
+                     ) -> list[list[tuple[str, bool]]]:
+    """k[i] sampled (text, ended) responses for each prompt, generated in batches of rows."""
+    rows = [(i, render_prompt(tok, p.messages)) for i, p in enumerate(prompts) for _ in range(k[i])]
+    out: list[list[tuple[str, bool]]] = [[] for _ in prompts]
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        gen = generate(model, [ids for _, ids in chunk], params, tok.eos_id, tok.pad_id, generator,
+                       start_id=tok.bos_id)
+        for (i, _), ids, ended in zip(chunk, gen.token_lists(), gen.ended.tolist()):
+            out[i].append((tok.decode(ids), ended))
+        if progress:
+            progress.update(min(s + batch_size, len(rows)))
+    return out
+
+
+def collect_command(
+    policy: Path,
+    prompts: Path,
+    out: Path,
+    world: Path,
+    k_min: int = 4,
+    k_max: int = 9,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 48,
+    max_prompts: int | None = None,
+    batch_size: int = 64,
+    seed: int = 1337,
+    device: str = "auto",
+) -> None:
+    """Sample K (between k_min and k_max) responses per prompt and write the labeler's rankings.
+
+    Args:
+        policy: the model to sample from (the paper sampled from its SFT and later models).
+        prompts: prompt file (world prompts carry the ground truth the labeler needs).
+        out: rankings file (JSONL) to write.
+        world: the world folder whose labeler ranks the responses.
+    """
+    t0 = time.time()
+    if not 2 <= k_min <= k_max:
+        raise UserError(f"need 2 <= --k-min <= --k-max, got {k_min} and {k_max}")
+    policy, out = Path(policy), Path(out)
+    tok = Tokenizer.load(policy / "tokenizer.json")
+    dev = resolve_device(device)
+    model = load_model(policy, device=dev).eval()
+    items = list(read_prompts(prompts))[:max_prompts]
+    records = [world_record(p) for p in items]
+    labeler = Labeler.load(world, seed=seed)
+    rng = np.random.default_rng(seed)
+    k = rng.integers(k_min, k_max + 1, size=len(items)).tolist()
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    progress = Progress(sum(k), "collect")
+    responses = sample_responses(model, tok, items, k, params, batch_size, generator, progress)
+    progress.close()
+    rows, empty, short = [], 0, 0
+    for p, rec, resp in zip(items, records, responses):
+        # An empty reply is not a completion a rankings file may hold; the group keeps the others.
+        kept = [(r, e) for r, e in resp if r.strip()]
+        empty += len(resp) - len(kept)
+        if len(kept) < 2:
+            short += 1
+            continue
+        texts, ended = [r for r, _ in kept], [e for _, e in kept]
+        ranking = labeler.rank(rec, texts, ended)
+        rows.append({"prompt": p.messages, "completions": texts, "ranking": ranking, "ended": ended,
+                     "family": rec["family"], "id": rec["id"]})
+    if not rows:
+        raise UserError(f"{policy}: no prompt got two non-empty responses; the policy is not ready to collect from")
+    write_jsonl(out, rows)
+    sizes = [len(r["completions"]) for r in rows]
+    summary = {"stage": "collect", "prompts": len(rows), "completions": sum(sizes),
+               "comparisons": sum(n * (n - 1) // 2 for n in sizes), "empty_replies_dropped": empty,
+               "prompts_dropped": short, "seconds": time.time() - t0}
+    print(json.dumps(summary))

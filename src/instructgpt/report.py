@@ -1,0 +1,231 @@
+"""The report card of a run: `report.md` and a self-contained `report.html` (plots embedded), with
+`plots/*.png` beside them.
+
+It reads only files: `pipeline.json`, each stage's `metrics.jsonl` and `done.json`, and
+`eval/results.json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo")
+LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def make_plots(run: Path, results: dict) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    out: dict[str, Path] = {}
+
+    # Loss curves of the supervised stages.
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, (stage, keys, title) in zip(axes, [
+        ("pretrain", ("loss", "val_loss"), "pretraining loss"),
+        ("sft", ("loss", "val_loss"), "SFT loss"),
+        ("rm", ("loss", "val_accuracy"), "reward model: loss and held-out accuracy"),
+        ("dpo", ("loss", "eval/accuracy"), "DPO: loss and held-out accuracy"),
+    ]):
+        rows = read_metrics(run / stage / "metrics.jsonl")
+        for k in keys:
+            x, y = _series(rows, k)
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 12 else None, label=k)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out["losses"] = plots / "losses.png"
+    fig.savefig(out["losses"], dpi=110)
+    plt.close(fig)
+
+    # Reward and KL during PPO.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for stage in ("ppo", "ppo_ptx"):
+        rows = read_metrics(run / stage / "metrics.jsonl")
+        for ax, key in zip(axes, ("objective/scores", "objective/kl")):
+            x, y = _series(rows, key)
+            if x:
+                ax.plot(x, y, label=LABELS[stage])
+    for ax, title in zip(axes, ("reward-model score of rollouts", "KL(policy || SFT) per response")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out["ppo"] = plots / "ppo.png"
+    fig.savefig(out["ppo"], dpi=110)
+    plt.close(fig)
+
+    # The paper's Figure 1 for this world: win rate against SFT.
+    models = [m for m in MODEL_ORDER if m in results["models"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    rates = [results["models"][m]["win_rate_vs_sft"] for m in models]
+    lo = [r - results["models"][m]["win_rate_ci95"][0] for m, r in zip(models, rates)]
+    hi = [results["models"][m]["win_rate_ci95"][1] - r for m, r in zip(models, rates)]
+    ax.bar([LABELS[m] for m in models], rates, yerr=[lo, hi], capsize=4,
+           color=["#999999", "#4c72b0", "#dd8452", "#c44e52", "#55a868"][: len(models)])
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate against SFT")
+    ax.set_title("Labeler preference against the SFT model (95% CI)", fontsize=10)
+    fig.tight_layout()
+    out["win_rate"] = plots / "win_rate.png"
+    fig.savefig(out["win_rate"], dpi=110)
+    plt.close(fig)
+
+    # Labeler score per task family.
+    families = sorted({f for m in models for f in results["models"][m]["per_family"]})
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        pf = results["models"][m]["per_family"]
+        ax.bar([j + i * width for j in range(len(families))],
+               [pf.get(f, {}).get("labeler_score") or 0 for f in families], width, label=LABELS[m])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))])
+    ax.set_xticklabels(families, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("labeler score")
+    ax.legend(fontsize=8, ncol=len(models))
+    fig.tight_layout()
+    out["families"] = plots / "families.png"
+    fig.savefig(out["families"], dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def markdown(run: Path, manifest: dict, results: dict, plots: dict[str, Path]) -> str:
+    models = [m for m in MODEL_ORDER if m in results["models"]]
+    lines = [f"# instructgpt run report: `{run.name}`", ""]
+    lines += [f"Preset `{manifest.get('preset')}`, seed {manifest.get('seed')}, "
+              f"{results.get('prompts')} held-out prompts.", ""]
+    lines += ["## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in manifest.get("stage_seconds", {}).items()]
+    lines += ["", "## Win rate against SFT (labeler preference)", "",
+              f"![win rate]({plots['win_rate'].relative_to(run)})", ""]
+    lines += ["| model | win rate vs SFT | 95% CI | labeler score | hallucination | refusal (harmful) | "
+              "over-refusal (benign) | constraints | held-out pretraining loss |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in models:
+        r = results["models"][m]
+        lo, hi = r["win_rate_ci95"]
+        cells = [LABELS[m], _fmt(r["win_rate_vs_sft"]), f"[{lo:.2f}, {hi:.2f}]"] + [
+            _fmt(r.get(k)) for k in ("labeler_score", "hallucination_rate", "refusal_rate", "over_refusal_rate",
+                                     "constraint_rate", "pretrain_val_loss")]
+        lines.append("| " + " | ".join(cells) + " |")
+    rm_acc = results.get("rm", {}).get("accuracy")
+    lines += ["", f"Reward-model accuracy on held-out comparisons: {_fmt(rm_acc)} "
+              "(the paper's reward models agreed with held-out labelers about 70% of the time).", ""]
+    sft_loss = results["models"].get("sft", {}).get("pretrain_val_loss")
+    if sft_loss is not None:
+        lines += ["## Alignment tax (loss on held-out pretraining text, relative to SFT)", "",
+                  "| model | loss | change vs SFT |", "| --- | --- | --- |"]
+        for m in models:
+            loss = results["models"][m].get("pretrain_val_loss")
+            if loss is not None:
+                lines.append(f"| {LABELS[m]} | {loss:.3f} | {loss - sft_loss:+.3f} |")
+        lines.append("")
+    lines += ["## Per task family", "", f"![families]({plots['families'].relative_to(run)})", "",
+              "## Training curves", "", f"![losses]({plots['losses'].relative_to(run)})", "",
+              f"![ppo]({plots['ppo'].relative_to(run)})", "", "## Sample responses (greedy, held-out prompts)", ""]
+    seen = set()
+    for s in results.get("samples", []):
+        if s["family"] in seen:
+            continue
+        seen.add(s["family"])
+        lines += [f"**{s['family']}**: {s['prompt']}", ""]
+        lines += [f"- {LABELS[m]}: `{s.get(m, '')}`" for m in models]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(md: str, run: Path) -> str:
+    """A minimal Markdown-to-HTML rendering of the report with every image inlined."""
+    body = []
+    in_table = False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("- "):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            src = line[line.index("(") + 1:-1]
+            data = base64.b64encode((run / src).read_bytes()).decode()
+            body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(src)}">')
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("- "):
+            body.append(f"<div class='li'>{_inline(line[2:])}</div>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:1px 4px}"
+             ".li{margin-left:1.5em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>instructgpt report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.*?)`", r"<code>\1</code>", text)
+
+
+def report_command(run: Path) -> None:
+    """Write RUN/report.md, RUN/report.html (self-contained) and RUN/plots/*.png from a run's files."""
+    run = Path(run)
+    results_path = run / "eval" / "results.json"
+    if not results_path.exists():
+        raise UserError(f"{results_path} does not exist: run `instructgpt eval --run {run}` first")
+    results = json.loads(results_path.read_text())
+    manifest_path = run / "pipeline.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    plots = make_plots(run, results)
+    md = markdown(run, manifest, results, plots)
+    (run / "report.md").write_text(md)
+    tmp = run / "report.html.tmp"
+    tmp.write_text(to_html(md, run))
+    tmp.replace(run / "report.html")
+    print(f"wrote {run / 'report.html'} and {run / 'report.md'}")
