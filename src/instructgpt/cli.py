@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "report": "instructgpt.report:report_command",
     "import-hf": "instructgpt.hf:import_command",
     "export-hf": "instructgpt.hf:export_command",
+    "chat": "instructgpt.chat_cli:chat_command",
+    "serve": "instructgpt.serve:serve_command",
 }
 
 
