@@ -1,12 +1,14 @@
 """Direct Preference Optimisation (Rafailov et al., 2023, arXiv 2305.18290): the RL-free alternative.
 
 For a prompt x with a preferred response y_w and a rejected one y_l, and the frozen reference pi_ref
-(the SFT model):
+(the SFT model), with the implicit rewards r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) (DPO eq. 7):
 
-    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+    loss = -log sigmoid(r(y_w) - r(y_l))
 
-The reference log-probabilities are computed once, before training. Rankings are split into their
-C(K,2) pairs.
+The reference log-probabilities are computed once, before training, and kept beside each pair; the
+reference model is then freed. Rankings are split into their C(K,2) pairs. Logged per step (and on the
+held-out pairs at each evaluation): rewards/chosen, rewards/rejected (mean implicit rewards),
+rewards/accuracy (share of pairs with r(y_w) > r(y_l), ties half) and rewards/margins (mean r(y_w) - r(y_l)).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import train
 from .chat import render_prompt, render_response
 from .checkpoint import load_model, read_config
-from .data import read_comparisons
 from .errors import UserError
+from .rm import ended_flags, read_rankings
 from .sft import EpochSampler
 from .tokenizer import Tokenizer
 
@@ -39,17 +42,23 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
     Args:
         pi_w, pi_l: (N,) summed log-probabilities of the chosen / rejected responses under the policy.
         ref_w, ref_l: (N,) the same under the reference.
+        beta: the strength of the implicit KL constraint.
+    Returns:
+        (loss (N,), chosen rewards (N,), rejected rewards (N,)); the rewards are detached.
     """
     chosen = beta * (pi_w - ref_w)
     rejected = beta * (pi_l - ref_l)
     return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
-def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with labels only on the response and its end token; the prompt loses its oldest
-    tokens if the whole does not fit."""
+def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int,
+           ended: bool = True) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with labels only on the response and its end token (when the reply ended);
+    the prompt loses its oldest tokens if the whole does not fit in max_length inputs."""
     p = render_prompt(tok, prompt)
-    r = render_response(tok, response)
+    r = render_response(tok, response) if ended else tok.encode(response)
+    if not r:
+        raise UserError("a DPO response must have at least one token")
     ids = (p + r)[-(max_length + 1):]
     n_r = min(len(r), len(ids) - 1)
     labels = [IGNORE] * (len(ids) - 1 - n_r) + ids[-n_r:]
@@ -57,27 +66,29 @@ def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int) -
 
 
 def pad(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels and attention mask (B, T)."""
     T = max(len(i) for i, _ in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), T), dtype=torch.long)
     for n, (i, l) in enumerate(items):
-        ids[n, :len(i)] = torch.tensor(i)
-        labels[n, :len(l)] = torch.tensor(l)
+        ids[n, :len(i)] = torch.tensor(i, dtype=torch.long)
+        labels[n, :len(l)] = torch.tensor(l, dtype=torch.long)
         mask[n, :len(i)] = 1
     return {"ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log p(label) over each row's labelled tokens (B,), in fp32."""
-    logits = model(batch["ids"], attention_mask=batch["attention_mask"]).float()
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log p(label) over each row's labelled tokens (B,), in fp32 (invariant 13)."""
+    logits = model(batch["ids"], attention_mask=batch["attention_mask"]).float()  # (B, T, V)
     labels = batch["labels"]
-    logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T)
     return (logp * (labels != IGNORE)).sum(1)
 
 
 def pair_batch(pairs: list[dict], idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one padded batch (2N, T), and the pairs' reference log-probs."""
+    """Chosen rows then rejected rows in one padded batch (2N, T), and the pairs' reference log-probs
+    "ref" (N, 2) once they are known."""
     rows = [pairs[i]["chosen"] for i in idx] + [pairs[i]["rejected"] for i in idx]
     b = pad(rows, pad_id)
     if "ref_w" in pairs[idx[0]]:
@@ -86,7 +97,8 @@ def pair_batch(pairs: list[dict], idx: list[int], pad_id: int, device) -> dict[s
 
 
 @torch.no_grad()
-def reference_logprobs(ref, pairs: list[dict], pad_id: int, device, batch_size: int = 32) -> None:
+def reference_logprobs(ref: nn.Module, pairs: list[dict], pad_id: int, device, batch_size: int = 32) -> None:
+    """Store ref_w, ref_l (the reference's summed log-probabilities) in each pair, once for the run."""
     ref.eval()
     for s in range(0, len(pairs), batch_size):
         idx = list(range(s, min(s + batch_size, len(pairs))))
@@ -95,33 +107,61 @@ def reference_logprobs(ref, pairs: list[dict], pad_id: int, device, batch_size: 
             pairs[i]["ref_w"], pairs[i]["ref_l"] = float(lp[j]), float(lp[len(idx) + j])
 
 
+def pair_metrics(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Sums over the pairs (divide by their count): loss, rewards/chosen, rewards/rejected,
+    rewards/accuracy (ties count half), rewards/margins."""
+    margin = chosen - rejected
+    return {"loss": float(loss.detach().sum()), "rewards/chosen": float(chosen.sum()),
+            "rewards/rejected": float(rejected.sum()),
+            "rewards/accuracy": float((margin > 0).sum() + 0.5 * (margin == 0).sum()),
+            "rewards/margins": float(margin.sum())}
+
+
 @torch.no_grad()
-def evaluate(model, pairs: list[dict], pad_id: int, beta: float, device, batch_size: int = 32) -> dict:
-    """Preference accuracy (the implicit reward of the chosen response is higher), loss and margin."""
+def evaluate(model: nn.Module, pairs: list[dict], pad_id: int, beta: float, device, batch_size: int = 32) -> dict:
+    """Mean loss and implicit-reward metrics over held-out pairs (see `pair_metrics`); "accuracy" is the
+    preference accuracy (the chosen response's implicit reward is the higher)."""
     was = model.training
     model.eval()
-    acc, loss, margin = [], [], []
+    total: dict[str, float] = {}
     for s in range(0, len(pairs), batch_size):
         idx = list(range(s, min(s + batch_size, len(pairs))))
         b = pair_batch(pairs, idx, pad_id, device)
         lp = sequence_logprobs(model, b)
         n = len(idx)
-        l, c, r = dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], beta)
-        acc += ((c > r).float() + 0.5 * (c == r).float()).tolist()
-        loss += l.tolist()
-        margin += (c - r).tolist()
+        for k, v in pair_metrics(*dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], beta)).items():
+            total[k] = total.get(k, 0.0) + v
     model.train(was)
-    return {"accuracy": float(np.mean(acc)), "loss": float(np.mean(loss)), "margin": float(np.mean(margin))}
+    out = {k: v / max(1, len(pairs)) for k, v in total.items()}
+    out["accuracy"] = out.get("rewards/accuracy", 0.5)
+    return out
 
 
-def load_pairs(tok: Tokenizer, paths: list[Path], max_length: int, skip_invalid: bool) -> list[dict]:
+def to_pairs(tok: Tokenizer, comps: list, max_length: int) -> list[dict]:
+    """Every (chosen, rejected) pair of every comparison, encoded."""
     pairs = []
-    for p in paths:
-        for c in read_comparisons(p, skip_invalid=skip_invalid):
-            for w, l in c.pairs():
-                pairs.append({"chosen": encode(tok, c.prompt, c.completions[w], max_length),
-                              "rejected": encode(tok, c.prompt, c.completions[l], max_length)})
+    for c in comps:
+        ended = ended_flags(c) or [True] * len(c.completions)
+        for w, l in c.pairs():
+            pairs.append({"chosen": encode(tok, c.prompt, c.completions[w], max_length, ended[w]),
+                          "rejected": encode(tok, c.prompt, c.completions[l], max_length, ended[l])})
     return pairs
+
+
+def split_pairs(comps: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation) comparisons: held out by prompt, so no prompt's pairs sit on both sides."""
+    order = np.random.default_rng([seed, 17]).permutation(len(comps))
+    n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
+    return [comps[i] for i in order[n_val:]], [comps[i] for i in order[:n_val]]
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in the policy: with it, log pi differs from log pi_ref at step 0 by noise alone."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
+            m.attn_dropout = 0.0
 
 
 def dpo_command(
@@ -139,88 +179,146 @@ def dpo_command(
     min_lr: float | None = None,
     warmup_steps: int = 10,
     max_length: int | None = None,
-    log_interval: int = 10,
+    dropout: bool = False,
+    log_interval: int = 1,
+    eval_interval: int | None = None,
+    checkpoint_interval: int = 500,
+    keep_last: int = 2,
     seed: int = 1337,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool | None = None,
     resume: bool = False,
     skip_invalid: bool = False,
-) -> None:
+) -> dict:
     """DPO on preference pairs (or rankings split into their pairs), with the SFT model as the reference.
 
     Args:
         init: the SFT checkpoint: the initial policy and the frozen reference.
         data: comparison files (pairs, Anthropic HH, or K-way rankings).
         out: stage folder to write.
+        val_data: held-out comparison files; without them, val_fraction of the prompts is held out.
+        val_fraction: share of the prompts (with all their pairs) held out when no --val-data is given.
         beta: strength of the implicit KL constraint (0.1 by default, as in the DPO paper).
+        epochs: passes over the training pairs.
+        max_steps: optimizer steps (overrides epochs).
         batch_size: pairs per micro-batch.
+        max_length: longest prompt + response in tokens (default: the model's context).
+        dropout: keep the checkpoint's dropout in the policy (off by default: see `disable_dropout`).
+        log_interval: write the per-step metrics every this many steps.
+        eval_interval: held-out metrics every this many steps (default: 5 times per run, and at the end).
+        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
+        keep_last: step checkpoints to keep.
+        resume: continue the run in OUT from its latest checkpoint.
+        skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
     """
     t0 = time.time()
     init, out = Path(init), Path(out)
-    if (out / "done.json").exists() and not resume:
-        raise UserError(f"{out} holds a finished DPO run; choose another --out or pass --resume")
+    if (out / "done.json").exists():
+        if not resume:
+            raise UserError(f"{out} holds a finished DPO run; choose another --out or pass --resume")
+        summary = json.loads((out / "done.json").read_text())
+        print(json.dumps(summary))
+        return summary
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if beta <= 0:
+        raise UserError(f"--beta must be positive, got {beta}")
+    if epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {epochs}")
+
+    # 1. read and encode the data (a bad file fails here, before anything is written to OUT)
     if read_config(init)["kind"] != "gpt":
         raise UserError(f"{init}: DPO needs a decoder-only language model")
     tok = Tokenizer.load(init / "tokenizer.json")
+    comps = read_rankings(data, skip_invalid)
+    if val_data:
+        trn_c, val_c = comps, read_rankings(val_data, skip_invalid)
+    else:
+        trn_c, val_c = split_pairs(comps, val_fraction, seed)
     tcfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
-                             warmup_steps=warmup_steps, max_steps=1, weight_decay=0.0, seed=seed, device=device,
-                             dtype=dtype, compile=False, log_interval=log_interval)
+                             warmup_steps=warmup_steps, max_steps=max_steps or 1, weight_decay=0.0, seed=seed,
+                             device=device, dtype=dtype, compile=compile, log_interval=log_interval,
+                             checkpoint_interval=checkpoint_interval, keep_last=keep_last)
     runtime = train.setup(tcfg)
     dev = runtime.device
     model = load_model(init, kind="gpt", device=dev)
     L = min(max_length or model.config.block_size, model.config.block_size)
-    pairs = load_pairs(tok, data, L, skip_invalid)
-    if val_data:
-        trn, val = pairs, load_pairs(tok, val_data, L, skip_invalid)
-    else:
-        order = np.random.default_rng([seed, 17]).permutation(len(pairs))
-        n_val = max(1, int(len(pairs) * val_fraction)) if val_fraction > 0 and len(pairs) > 1 else 0
-        val, trn = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    trn, val = to_pairs(tok, trn_c, L), to_pairs(tok, val_c, L)
+    if not trn:
+        raise UserError(f"no training pairs left after holding out {len(val)} for validation")
+
+    # 2. the reference's log-probabilities, once for the whole run; then the reference is freed
     ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
-    reference_logprobs(ref, trn, tok.pad_id, dev)
-    reference_logprobs(ref, val, tok.pad_id, dev)
+    with runtime.autocast():
+        reference_logprobs(ref, trn, tok.pad_id, dev)
+        reference_logprobs(ref, val, tok.pad_id, dev)
     del ref
+
     steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
     tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    every = eval_interval or max(1, total_steps // 5)
+    if not dropout:
+        disable_dropout(model)
     optimizer = train.make_optimizer(model, tcfg, runtime)
+    fwd = train.prepare_model(model, runtime)
     sampler = EpochSampler(len(trn), seed)
-    ckpt = train.Checkpointer(out, keep_last=2)
-    step = 0
+    ckpt = train.Checkpointer(out, keep_last=keep_last)
+    if ckpt.latest() is not None and not resume:
+        raise UserError(f"{out} holds checkpoints of an unfinished DPO run; pass --resume to continue it, "
+                        "or choose another --out")
+    step, before = 0, None
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
-        step = state["step"]
+        step, before = state["step"], state.get("before")
         sampler.restore(state["sampler"])
+    elif val:
+        before = evaluate(model, val, tok.pad_id, beta, dev)
     out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step)
-    before = evaluate(model, val, tok.pad_id, beta, dev) if val else None
+    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
 
-    def loss_sum(m, b):
-        lp = sequence_logprobs(m, b)
+    # 3. the loop
+    seen: dict[str, float] = {}
+
+    def loss_sum(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        lp = sequence_logprobs(m, b)  # (2N,) chosen rows, then rejected rows
         n = b["ref"].size(0)
-        loss, _, _ = dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], beta)
+        loss, chosen, rejected = dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], beta)
+        for k, v in pair_metrics(loss, chosen, rejected).items():
+            seen[k] = seen.get(k, 0.0) + v
         return loss.sum()
 
     progress = train.Progress(total_steps, "dpo", start=step)
     model.train()
     while step < total_steps:
         micro = [pair_batch(trn, sampler.take(batch_size), tok.pad_id, dev) for _ in range(grad_accum)]
-        stats = train.train_step(model, optimizer, micro, loss_sum, lambda b: b["ref"].size(0), tcfg, runtime, step)
+        seen.clear()
+        stats = train.train_step(fwd, optimizer, micro, loss_sum, lambda b: b["ref"].size(0), tcfg, runtime, step)
         step += 1
-        row = {"step": step, **stats}
-        if val and (step % max(1, total_steps // 5) == 0 or step == total_steps):
+        n_pairs = stats["tokens"]
+        row = {"step": step, "loss": stats["loss"], **{k: v / n_pairs for k, v in seen.items() if k != "loss"},
+               "grad_norm": stats["grad_norm"], "lr": stats["lr"], "pairs": n_pairs}
+        if val and (step % every == 0 or step == total_steps):
             ev = evaluate(model, val, tok.pad_id, beta, dev)
-            row |= {"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"], "eval/margin": ev["margin"]}
+            row |= {f"eval/{k}": v for k, v in ev.items() if k != "rewards/accuracy"}
         if step % log_interval == 0 or "eval/accuracy" in row:
             log.write(row)
-        if step % tcfg.checkpoint_interval == 0:
-            ckpt.save(step, {"model": model}, {"optimizer": optimizer}, {"step": step, "sampler": sampler.state()})
+        if step % checkpoint_interval == 0 or step == total_steps:
+            ckpt.save(step, {"model": model}, {"optimizer": optimizer},
+                      {"step": step, "sampler": sampler.state(), "before": before})
         progress.update(step, stats)
     progress.close()
+
+    # 4. save; done.json last
     after = evaluate(model, val, tok.pad_id, beta, dev) if val else None
     ckpt.export(model, extra={"stage": "dpo", "beta": beta})
-    shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
-    summary = {"stage": "dpo", "steps": step, "pairs": len(trn), "val_pairs": len(val),
+    summary = {"stage": "dpo", "steps": step, "pairs": len(trn), "val_pairs": len(val), "beta": beta,
                "val_accuracy_before": before["accuracy"] if before else None,
-               "val_accuracy_after": after["accuracy"] if after else None, "seconds": time.time() - t0}
-    (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+               "val_accuracy_after": after["accuracy"] if after else None,
+               "val_margin_after": after["rewards/margins"] if after else None,
+               "seconds": round(time.time() - t0, 2)}
+    if runtime.is_main:
+        shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
+        (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
+    return summary

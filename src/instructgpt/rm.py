@@ -7,10 +7,14 @@ comparison, and the loss of the prompt is (paper equation 1)
 
 All K completions of a prompt are scored in one forward pass each (not one per pair) and their pairs
 stay in one batch element, which the paper found both faster and less prone to overfitting than
-shuffling pairs into separate batch elements. Pairwise data is the case K = 2.
+shuffling pairs into separate batch elements. Pairwise data is the case K = 2. A step's loss is the mean
+over its prompts of each prompt's loss.
 
 After training, the score head's bias is shifted so that the labeler demonstrations get mean reward 0
 ("normalised so that the labeler demonstrations achieve a mean score of 0 before doing RL").
+
+A reply that never ended (a sample cut at max_new_tokens, flagged by `"ended": false` in the rankings
+that `collect` writes) is encoded without the end token, as PPO scores such a rollout.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import torch.nn.functional as F
 from . import train
 from .chat import render_prompt, render_response
 from .checkpoint import load_model, read_config
-from .data import Comparison, read_comparisons, read_examples
+from .data import Comparison, iter_records, read_comparisons, read_examples
 from .errors import UserError
-from .model import ScalarModel
+from .model import ScalarModel, last_token_index
 from .sft import EpochSampler
 from .tokenizer import Tokenizer
 
@@ -40,42 +44,68 @@ from .tokenizer import Tokenizer
 # Scoring: the one function PPO, evaluation and the server call
 
 
-def encode_pair(tok: Tokenizer, prompt_messages: list[dict], response: str, max_length: int) -> list[int]:
-    """Prompt + response ids as the chat template renders them; a prompt too long for the context loses
-    its oldest tokens (the response and its end are always kept, since the score is read there)."""
-    ids = render_prompt(tok, prompt_messages) + render_response(tok, response)
+def encode_pair(tok: Tokenizer, prompt_messages: list[dict], response: str, max_length: int,
+                ended: bool = True) -> list[int]:
+    """Prompt + response ids as the chat template renders them (the end token only if the reply ended);
+    a prompt too long for the context loses its oldest tokens (the response and its end are kept, since
+    the score is read there)."""
+    reply = render_response(tok, response) if ended else tok.encode(response)
+    ids = render_prompt(tok, prompt_messages) + reply
     return ids[-max_length:]
 
 
-def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask (N, T), padded on `side` ("left" or "right") to the longest sequence."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
+        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def rewards_of(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reward (N,) of each row: the value at its last real token, in fp32. Calls the module itself (not
+    `.score`) so that it works through torch.compile and DDP wrappers."""
+    values = model(ids, mask).float()  # (N, T)
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
 @torch.no_grad()
-def score_sequences(rm: ScalarModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Reward (N,) of each full sequence (prompt + response ids): the value at its last real token."""
+def score_sequences(rm: ScalarModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32,
+                    padding_side: str = "left") -> torch.Tensor:
+    """Reward (N,) of each full sequence (prompt + response ids): the value at its last real token.
+    The same whatever the batch and the padding side (DESIGN invariant 2)."""
+    if not seqs:
+        return torch.zeros(0)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("score_sequences: an empty sequence has no token to read a reward at")
     device = next(rm.parameters()).device
     was = rm.training
     rm.eval()
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_left(seqs[i:i + batch_size], pad_id, device)
-        out.append(rm.score(ids, mask).float())
-    rm.train(was)
+    try:
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[i:i + batch_size], pad_id, padding_side)
+            out.append(rewards_of(rm, ids.to(device), mask.to(device)))
+    finally:
+        rm.train(was)
     return torch.cat(out).cpu()
 
 
 def score_responses(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], responses: list[str],
-                    batch_size: int = 32) -> torch.Tensor:
-    """Reward (N,) of each (prompt messages, response text) pair."""
+                    ended: list[bool] | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Reward (N,) of each (prompt messages, response text) pair; `ended[i]` False scores a reply that
+    was cut off (no end token)."""
+    if len(prompts) != len(responses) or (ended is not None and len(ended) != len(responses)):
+        raise ValueError("score_responses needs one prompt (and one ended flag) per response")
     L = rm.config.block_size
-    seqs = [encode_pair(tok, p, r, L) for p, r in zip(prompts, responses)]
+    flags = ended if ended is not None else [True] * len(responses)
+    seqs = [encode_pair(tok, p, r, L, e) for p, r, e in zip(prompts, responses, flags)]
     return score_sequences(rm, seqs, tok.pad_id, batch_size)
 
 
@@ -91,7 +121,7 @@ def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor
         pairs: (P, 2) indices into `rewards`: (winner, loser).
         group: (P,) the prompt each pair belongs to, in [0, n_groups).
     Returns:
-        a scalar: sum over prompts of -mean over the prompt's pairs of log sigmoid(r_w - r_l).
+        a scalar: sum over prompts of -1/C(K,2) * sum over the prompt's pairs of log sigmoid(r_w - r_l).
     """
     pair_loss = -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]])  # (P,)
     per_prompt = torch.zeros(n_groups, dtype=pair_loss.dtype, device=pair_loss.device)
@@ -107,9 +137,48 @@ class EncodedComparison:
     pairs: list[tuple[int, int]]  # (winner, loser) indices into seqs
 
 
+def ended_flags(c: Comparison) -> list[bool] | None:
+    """The comparison's "ended" flags (one per completion; all True when absent), or None if malformed."""
+    ended = c.meta.get("ended")
+    if ended is None:
+        return [True] * len(c.completions)
+    if not isinstance(ended, list) or len(ended) != len(c.completions) or not all(isinstance(e, bool) for e in ended):
+        return None
+    return list(ended)
+
+
+def _ended_error(path: Path) -> UserError:
+    """The file:line of the first record whose "ended" field does not fit its completions."""
+    for number, rec in iter_records(path):
+        if "ended" not in rec:
+            continue
+        k = len(rec["completions"]) if isinstance(rec.get("completions"), list) else 2
+        e = rec["ended"]
+        if not isinstance(e, list) or len(e) != k or not all(isinstance(x, bool) for x in e):
+            return UserError(f'{path}:{number}: field "ended": expected a list of {k} booleans (one per '
+                             f"completion: did the reply end with the end token), got {json.dumps(e)[:80]}")
+    return UserError(f'{path}: a record has a malformed "ended" field')
+
+
+def read_rankings(paths: list[Path], skip_invalid: bool = False) -> list[Comparison]:
+    """Comparisons from every file (rankings, pairs, Anthropic HH), with their optional "ended" flags
+    checked; errors name the file, the line and the field."""
+    comps: list[Comparison] = []
+    for p in paths:
+        got = read_comparisons(p, skip_invalid=skip_invalid)
+        if any(ended_flags(c) is None for c in got):
+            raise _ended_error(Path(p))
+        comps.extend(got)
+    return comps
+
+
 def encode_comparisons(tok: Tokenizer, comps: list[Comparison], max_length: int) -> list[EncodedComparison]:
-    return [EncodedComparison([encode_pair(tok, c.prompt, y, max_length) for y in c.completions], c.pairs())
-            for c in comps]
+    out = []
+    for c in comps:
+        flags = ended_flags(c) or [True] * len(c.completions)
+        out.append(EncodedComparison([encode_pair(tok, c.prompt, y, max_length, e)
+                                      for y, e in zip(c.completions, flags)], c.pairs()))
+    return out
 
 
 def make_batch(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.Tensor]:
@@ -120,13 +189,14 @@ def make_batch(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.T
         pairs.extend((offset + w, offset + l) for w, l in item.pairs)
         group.extend([g] * len(item.pairs))
         offset += len(item.seqs)
-    ids, mask = pad_left(seqs, pad_id, "cpu")
-    return {"ids": ids, "attention_mask": mask, "pairs": torch.tensor(pairs), "group": torch.tensor(group),
-            "n_groups": torch.tensor(len(items))}
+    ids, mask = pad_batch(seqs, pad_id, "left")
+    return {"ids": ids, "attention_mask": mask, "pairs": torch.tensor(pairs, dtype=torch.long),
+            "group": torch.tensor(group, dtype=torch.long), "n_groups": torch.tensor(len(items))}
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    rewards = model.score(batch["ids"], batch["attention_mask"]).float()
+    """Sum over the batch's prompts of each prompt's loss; divide by the step's prompt count."""
+    rewards = rewards_of(model, batch["ids"], batch["attention_mask"])  # (N,)
     return ranking_loss(rewards, batch["pairs"], batch["group"], int(batch["n_groups"]))
 
 
@@ -136,7 +206,8 @@ def n_prompts(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def pairwise_accuracy(rm: ScalarModel, tok: Tokenizer, data: list[EncodedComparison], batch_size: int = 16) -> dict:
-    """Share of held-out pairs where the preferred completion gets the higher reward (ties count half)."""
+    """Share of held-out pairs where the preferred completion gets the higher reward (ties count half),
+    and the mean per-prompt loss."""
     correct, total, loss = 0.0, 0, 0.0
     for i in range(0, len(data), batch_size):
         items = data[i:i + batch_size]
@@ -150,16 +221,24 @@ def pairwise_accuracy(rm: ScalarModel, tok: Tokenizer, data: list[EncodedCompari
     return {"accuracy": correct / max(total, 1), "pairs": total, "loss": loss / max(len(data), 1)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The stage
-
-
 def normalise_bias(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], replies: list[str]) -> float:
     """Shift the score head's bias so that the given (demonstration) responses have mean reward 0."""
-    mean = float(score_responses(rm, tok, prompts, replies).mean())
+    mean = float(score_responses(rm, tok, prompts, replies).double().mean())
     with torch.no_grad():
         rm.score_head.bias -= mean
     return mean
+
+
+def split_comparisons(comps: list[Comparison], val_fraction: float, seed: int
+                      ) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, validation): a seeded random `val_fraction` of the prompts is held out."""
+    order = np.random.default_rng([seed, 13]).permutation(len(comps))
+    n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
+    return [comps[i] for i in order[n_val:]], [comps[i] for i in order[:n_val]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
 
 
 def rm_command(
@@ -179,13 +258,16 @@ def rm_command(
     weight_decay: float = 0.0,
     max_length: int | None = None,
     log_interval: int = 10,
+    eval_interval: int | None = None,
+    checkpoint_interval: int = 500,
+    keep_last: int = 2,
     seed: int = 1337,
     device: str = "auto",
     dtype: str = "auto",
     compile: bool | None = None,
     resume: bool = False,
     skip_invalid: bool = False,
-) -> None:
+) -> dict:
     """Train a reward model on rankings (K-way) or pairs, starting from the SFT model.
 
     Args:
@@ -195,71 +277,45 @@ def rm_command(
         out: stage folder to write.
         demos: demonstration files; after training the reward is shifted so their mean is 0. Without them,
             the top-ranked completions of the training data stand in for demonstrations.
-        batch_size: prompts per micro-batch (each brings all K of its completions).
+        val_data: held-out comparison files; without them, val_fraction of the prompts is held out.
+        val_fraction: share of the prompts held out for the pairwise accuracy when no --val-data is given.
         epochs: passes over the training prompts (the paper used 1: more overfits).
+        max_steps: optimizer steps (overrides epochs).
+        batch_size: prompts per micro-batch (each brings all K of its completions).
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate (cosine decay to min_lr after warmup_steps).
+        max_length: longest prompt + response in tokens (default: the model's context).
+        log_interval: write metrics every this many steps.
+        eval_interval: held-out accuracy every this many steps (default: 5 times per run, and at the end).
+        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
+        keep_last: step checkpoints to keep.
+        resume: continue the run in OUT from its latest checkpoint.
+        skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
     """
     t0 = time.time()
     init, out = Path(init), Path(out)
-    if (out / "done.json").exists() and not resume:
-        raise UserError(f"{out} holds a finished reward-model run; choose another --out or pass --resume")
+    if (out / "done.json").exists():
+        if not resume:
+            raise UserError(f"{out} holds a finished reward-model run; choose another --out or pass --resume")
+        summary = json.loads((out / "done.json").read_text())
+        print(json.dumps(summary))
+        return summary
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {epochs}")
+
+    # 1. read everything first: a bad file fails here, before anything is written to OUT
     tok = Tokenizer.load(init / "tokenizer.json")
     if read_config(init)["kind"] not in ("gpt", "scalar"):
         raise UserError(f"{init}: a reward model needs a decoder-only checkpoint")
-    comps: list[Comparison] = []
-    for p in data:
-        comps.extend(read_comparisons(p, skip_invalid=skip_invalid))
+    comps = read_rankings(data, skip_invalid)
     if val_data:
-        trn_c = comps
-        val_c = [c for p in val_data for c in read_comparisons(p, skip_invalid=skip_invalid)]
+        trn_c, val_c = comps, read_rankings(val_data, skip_invalid)
     else:
-        order = np.random.default_rng([seed, 13]).permutation(len(comps))
-        n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
-        val_c = [comps[i] for i in order[:n_val]]
-        trn_c = [comps[i] for i in order[n_val:]]
-    model = load_model(init, kind="scalar")
-    L = min(max_length or model.config.block_size, model.config.block_size)
-    trn = encode_comparisons(tok, trn_c, L)
-    val = encode_comparisons(tok, val_c, L)
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
-    total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-
-    tcfg = train.TrainConfig(
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        max_steps=total_steps, weight_decay=weight_decay, seed=seed, device=device, dtype=dtype,
-        compile=compile, log_interval=log_interval,
-    )
-    runtime = train.setup(tcfg)
-    model.to(runtime.device)
-    optimizer = train.make_optimizer(model, tcfg, runtime)
-    fwd = train.maybe_compile(model, tcfg, runtime)
-    sampler = EpochSampler(len(trn), seed)
-    ckpt = train.Checkpointer(out, keep_last=2)
-    step = 0
-    if resume and (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
-        step = state["step"]
-        sampler.restore(state["sampler"])
-    out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step)
-    progress = train.Progress(total_steps, "reward model", start=step)
-    model.train()
-    while step < total_steps:
-        micro = [make_batch([trn[i] for i in sampler.take(batch_size)], tok.pad_id) for _ in range(grad_accum)]
-        micro = [{k: v.to(runtime.device) for k, v in b.items()} for b in micro]
-        stats = train.train_step(fwd, optimizer, micro, batch_loss_sum, n_prompts, tcfg, runtime, step)
-        step += 1
-        row = {"step": step, **stats}
-        if val and (step % max(1, total_steps // 5) == 0 or step == total_steps):
-            acc = pairwise_accuracy(model, tok, val)
-            row |= {"val_accuracy": acc["accuracy"], "val_loss": acc["loss"]}
-        if step % log_interval == 0 or "val_accuracy" in row:
-            log.write(row)
-        if step % tcfg.checkpoint_interval == 0:
-            ckpt.save(step, {"model": model}, {"optimizer": optimizer}, {"step": step, "sampler": sampler.state()})
-        progress.update(step, stats)
-    progress.close()
-
-    # Centre the reward on the demonstrations (paper section 3.5).
+        trn_c, val_c = split_comparisons(comps, val_fraction, seed)
+    if not trn_c:
+        raise UserError(f"no training comparisons left after holding out {len(val_c)} for validation")
     if demos:
         examples = [e for p in demos for e in read_examples(p, skip_invalid=skip_invalid)]
         norm_prompts = [e.messages[:-1] for e in examples]
@@ -269,12 +325,79 @@ def rm_command(
         norm_prompts = [c.prompt for c in trn_c]
         norm_replies = [c.completions[c.ranking[0]] for c in trn_c]
         norm_source = "top-ranked training completions"
+
+    tcfg = train.TrainConfig(
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+        max_steps=max_steps or 1, weight_decay=weight_decay, seed=seed, device=device, dtype=dtype,
+        compile=compile, log_interval=log_interval, checkpoint_interval=checkpoint_interval, keep_last=keep_last,
+    )
+    runtime = train.setup(tcfg)
+    model = load_model(init, kind="scalar")
+    L = min(max_length or model.config.block_size, model.config.block_size)
+    trn = encode_comparisons(tok, trn_c, L)
+    val = encode_comparisons(tok, val_c, L)
+    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
+    tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    every = eval_interval or max(1, total_steps // 5)
+
+    # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
+    model.to(runtime.device)
+    optimizer = train.make_optimizer(model, tcfg, runtime)
+    fwd = train.prepare_model(model, runtime)
+    sampler = EpochSampler(len(trn), seed)
+    ckpt = train.Checkpointer(out, keep_last=keep_last)
+    if ckpt.latest() is not None and not resume:
+        raise UserError(f"{out} holds checkpoints of an unfinished reward-model run; pass --resume to continue it, "
+                        "or choose another --out")
+    step = 0
+    if resume and (latest := ckpt.latest()) is not None:
+        state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
+        step = state["step"]
+        sampler.restore(state["sampler"])
+    out.mkdir(parents=True, exist_ok=True)
+    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
+
+    # 3. the loop: every micro-batch holds all K completions of batch_size prompts
+    seen: dict[str, float] = {}
+
+    def loss_sum(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        rewards = rewards_of(m, b["ids"], b["attention_mask"])
+        diff = (rewards[b["pairs"][:, 0]] - rewards[b["pairs"][:, 1]]).detach()
+        seen["correct"] = seen.get("correct", 0.0) + float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        seen["pairs"] = seen.get("pairs", 0.0) + len(diff)
+        return ranking_loss(rewards, b["pairs"], b["group"], int(b["n_groups"]))
+
+    progress = train.Progress(total_steps, "reward model", start=step)
+    model.train()
+    while step < total_steps:
+        micro = [make_batch([trn[i] for i in sampler.take(batch_size)], tok.pad_id) for _ in range(grad_accum)]
+        micro = [{k: v.to(runtime.device) for k, v in b.items()} for b in micro]
+        seen.clear()
+        stats = train.train_step(fwd, optimizer, micro, loss_sum, n_prompts, tcfg, runtime, step)
+        step += 1
+        row = {"step": step, "loss": stats["loss"], "accuracy": seen["correct"] / seen["pairs"],
+               "grad_norm": stats["grad_norm"], "lr": stats["lr"], "prompts": stats["tokens"]}
+        if val and (step % every == 0 or step == total_steps):
+            acc = pairwise_accuracy(model, tok, val)
+            row |= {"val_accuracy": acc["accuracy"], "val_loss": acc["loss"]}
+        if step % log_interval == 0 or "val_accuracy" in row:
+            log.write(row)
+        if step % checkpoint_interval == 0 or step == total_steps:
+            ckpt.save(step, {"model": model}, {"optimizer": optimizer}, {"step": step, "sampler": sampler.state()})
+        progress.update(step, stats)
+    progress.close()
+
+    # 4. centre the reward on the demonstrations (paper section 3.5), then save; done.json last
     shift = normalise_bias(model, tok, norm_prompts, norm_replies)
     acc = pairwise_accuracy(model, tok, val) if val else None
     ckpt.export(model, extra={"stage": "rm", "bias_shift": shift, "normalised_on": norm_source})
-    shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
     summary = {"stage": "rm", "steps": step, "train_prompts": len(trn), "val_prompts": len(val),
-               "val_accuracy": acc["accuracy"] if acc else None, "val_pairs": acc["pairs"] if acc else 0,
-               "normalised_on": norm_source, "bias_shift": shift, "seconds": time.time() - t0}
-    (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+               "train_pairs": sum(len(c.pairs) for c in trn),
+               "val_accuracy": acc["accuracy"] if acc else None, "val_loss": acc["loss"] if acc else None,
+               "val_pairs": acc["pairs"] if acc else 0, "normalised_on": norm_source, "bias_shift": shift,
+               "seconds": round(time.time() - t0, 2)}
+    if runtime.is_main:
+        shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
+        (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
+    return summary
