@@ -4,14 +4,21 @@
 The policy and the frozen reference both start from SFT; the value model starts from the reward model,
 which stays frozen. Each step:
 
-  1. rollout            sample responses to a batch of prompts (temperature 1, KV cache)
-  2. score              old log-probabilities, reference log-probabilities, values, reward-model scores
-  3. compute_rewards    r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last token
-  4. compute_advantages GAE (gamma 1, lambda 0.95), whitened
+  1. rollout            sample one response per prompt (generation engine, temperature 1, KV cache)
+  2. score_rollout      old log-probabilities, reference log-probabilities, old values, reward-model scores
+  3. compute_rewards    r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)), plus the score at the last token
+                        (a response that never produced the end token first loses missing_end_penalty)
+  4. compute_advantages GAE (gamma 1, lambda 0.95), then whitened over the batch's response tokens
   5. ppo_update         clipped surrogate and clipped value loss over minibatches and inner epochs,
-                        plus, for PPO-ptx, gamma * the next-token loss on pretraining windows
+                        plus, for PPO-ptx, ptx_coef * the next-token loss on pretraining windows
 
     objective(phi) = E[r(x, y) - beta * log(pi_phi(y|x) / pi_SFT(y|x))] + gamma * E_pretrain[log pi_phi(x)]
+
+Tensors of a batch: B rollouts, P prompt positions (prompts left-padded to the longest), R response
+positions (responses right-padded to the longest); a response includes its end token.
+
+Metrics follow TRL's names (objective/kl, objective/entropy, objective/scores, objective/rlhf_reward,
+policy/approxkl, policy/clipfrac, loss/policy, loss/value, val/clipfrac, ...), so curves compare directly.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +40,58 @@ import torch.nn.functional as F
 from . import train
 from .chat import render_prompt
 from .checkpoint import load_model, read_config
-from .data import Prompt, read_prompts
+from .data import read_prompts
 from .errors import UserError
-from .generate import SamplingParams, generate
+from .generate import SamplingParams, generate, left_pad
 from .model import GPT, ScalarModel, positions_from_mask
 from .sft import EpochSampler, PretrainWindows
 from .tokenizer import Tokenizer
 
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of PPO (paper appendix C.4 where it gives them)."""
+
+    beta: float = 0.02  # KL penalty coefficient (the paper's beta); the starting value when adaptive
+    kl_target: float | None = None  # adaptive KL (Ziegler et al. 2019): move beta so the KL tracks this
+    kl_horizon: int = 10000  # adaptive KL: rollouts over which beta may change by at most 20%
+    gamma: float = 1.0  # discount; 1 because the only non-KL reward is at the end of the response
+    lam: float = 0.95  # GAE lambda: bias (0) against variance (1) of the advantage estimate
+    clip: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2  # how far a value may move from its rollout-time estimate before it is clipped
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # optimizer steps per pass (the batch size must be a multiple)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss (the paper's gamma = 27.8)
+    missing_end_penalty: float = 1.0  # subtracted from the score of a response that never ends
+    ema: float = 0.0  # EMA decay of the policy weights (0: no EMA), e.g. 0.99
+    temperature: float = 1.0  # sampling temperature; log-probabilities are taken at the same temperature
+
+    def validate(self) -> None:
+        checks = [
+            (self.beta >= 0, f"--beta must be >= 0, got {self.beta}"),
+            (self.kl_target is None or self.kl_target > 0, f"--kl-target must be positive, got {self.kl_target}"),
+            (self.kl_horizon >= 1, f"the KL horizon must be at least 1, got {self.kl_horizon}"),
+            (0 <= self.gamma <= 1, f"--gamma must be in [0, 1], got {self.gamma}"),
+            (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
+            (self.clip > 0, f"--clip must be positive, got {self.clip}"),
+            (self.value_clip > 0, f"--value-clip must be positive, got {self.value_clip}"),
+            (self.ppo_epochs >= 1, f"--ppo-epochs must be at least 1, got {self.ppo_epochs}"),
+            (self.minibatches >= 1, f"--minibatches must be at least 1, got {self.minibatches}"),
+            (self.ptx_coef >= 0, f"--ptx-coef must be >= 0, got {self.ptx_coef}"),
+            (math.isfinite(self.missing_end_penalty),
+             f"--missing-end-penalty must be finite, got {self.missing_end_penalty}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.temperature > 0, f"--temperature must be positive for PPO, got {self.temperature}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Losses and advantage estimation: small functions with the formulas
+# Rewards, advantages and losses: small functions with the formulas
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,37 +107,59 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 def compute_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                     beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards (B, R): -beta * KL estimate at every response token, plus the sequence's score
-    at its last real token. Returns (rewards, kl) with kl = log pi - log pi_ref (B, R), 0 on padding."""
+    """3. Per-token rewards: the KL penalty at every response token plus the score at the last one.
+
+        r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last real token] * score
+
+    Args:
+        scores: (B,) one score per response (the reward model's, already penalised if it never ended).
+        logp, ref_logp: (B, R) log-probabilities of the response tokens under the policy and the reference.
+        mask: (B, R) 1 on real response tokens (right-padded: a prefix of each row), 0 on padding.
+    Returns:
+        rewards (B, R) and kl (B, R) = log pi - log pi_ref, both 0 on padding.
+    """
+    lengths = mask.sum(1).long()  # (B,)
+    if bool((lengths == 0).any()):
+        raise ValueError(f"response {int((lengths == 0).nonzero()[0])} has no token: its reward has nowhere to go")
     kl = (logp - ref_logp) * mask
     rewards = -beta * kl
-    last = (mask.sum(1) - 1).clamp(min=0).long()  # responses are right-padded
-    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
-    return rewards * mask, kl
+    last = (lengths - 1)[:, None]  # (B, 1) index of the last real token
+    rewards = rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
+    return rewards, kl
 
 
 def compute_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al., 2016), backwards over right-padded responses.
+    """4. Generalised advantage estimation (Schulman et al., 2016) over right-padded responses:
 
-        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t = delta_t + gamma * lam * A_{t+1} = sum_{k>=t} (gamma * lam)^(k-t) * delta_k
 
-    with V and A zero past the end of each response. Returns (advantages, returns = A + V), (B, R) each."""
-    B, R = rewards.shape
+    with V and A zero past the end of each response (its last token is terminal). The backward recursion is
+    one matmul with the upper-triangular matrix of discounts (R x R), exact and free of a loop over time.
+
+    Args:
+        values: (B, R) V(s_t), the value of the state before each response token.
+        rewards: (B, R) per-token rewards, 0 on padding.
+        mask: (B, R) 1 on real response tokens, a prefix of each row.
+    Returns:
+        advantages (B, R) and returns = advantages + values (B, R), both 0 on padding.
+    """
+    R = rewards.size(1)
     values = values * mask
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(R)):
-        next_v = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
+    next_values = F.pad(values[:, 1:], (0, 1))  # (B, R): V_{t+1}, 0 after the last token
+    deltas = (rewards + gamma * next_values - values) * mask
+    t = torch.arange(R, device=rewards.device)
+    lag = t[None, :] - t[:, None]  # (R, R): k - t
+    base = torch.tensor(gamma * lam, dtype=rewards.dtype, device=rewards.device)
+    discount = torch.where(lag >= 0, base ** lag.clamp(min=0), torch.zeros((), dtype=rewards.dtype))  # [t, k]
+    adv = (deltas @ discount.T) * mask  # (B, R): adv[b, t] = sum_k deltas[b, k] * discount[t, k]
     return adv, adv + values
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 clip: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate (Schulman et al., 2017), to minimise:
+    """PPO's clipped surrogate (Schulman et al., 2017), to minimise, over (B, R) response tokens:
 
         L = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi(y_t) / pi_old(y_t)"""
     log_ratio = (logp - old_logp) * mask
@@ -99,14 +171,15 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         stats = {
             "policy/approxkl": float(masked_mean(0.5 * log_ratio**2, mask)),
             "policy/clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
-            "policy/ratio_mean": float(masked_mean(ratio, mask)),
+            "policy/ratio": float(masked_mean(ratio, mask)),
+            "policy/ratio_maxdev": float(((ratio - 1).abs() * mask).max()),
         }
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss: 0.5 * E_t[max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)]."""
+    """Clipped value loss over (B, R) tokens: 0.5 * E_t[max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)]."""
     clipped_v = old_values + (values - old_values).clamp(-clip, clip)
     l1, l2 = (values - returns) ** 2, (clipped_v - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
@@ -114,7 +187,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 class AdaptiveKL:
-    """The adaptive KL coefficient of Ziegler et al. (2019): beta moves so the KL tracks a target."""
+    """The KL coefficient. Fixed without a target; with one, the controller of Ziegler et al. (2019):
+
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   after n rollouts of mean KL."""
 
     def __init__(self, beta: float, target: float | None, horizon: int = 10000):
         self.beta, self.target, self.horizon = beta, target, horizon
@@ -140,160 +215,192 @@ class AdaptiveKL:
 class Rollout:
     ids: torch.Tensor  # (B, P + R): left-padded prompt, then right-padded response
     attention_mask: torch.Tensor  # (B, P + R)
-    response: torch.Tensor  # (B, R) response tokens
     response_mask: torch.Tensor  # (B, R) 1 on real response tokens (the end token included)
-    ended: torch.Tensor  # (B,) the response produced the end token
+    ended: torch.Tensor  # (B,) bool: the response produced the end token
     prompt_len: int  # P
-    prompts: list[Prompt]
-    texts: list[str]
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.ids[:, self.prompt_len:]  # (B, R)
+
+    def response_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.response, self.response_mask.sum(1).tolist())]
 
 
-def rollout(policy: GPT, tok: Tokenizer, prompts: list[Prompt], params: SamplingParams,
-            generator: torch.Generator, all_finished=None) -> Rollout:
-    """1. Sample one response per prompt with the generation engine."""
-    prompt_ids = [render_prompt(tok, p.messages) for p in prompts]
-    gen = generate(policy, prompt_ids, params, tok.eos_id, tok.pad_id, generator, all_finished=all_finished)
+def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int,
+            generator: torch.Generator | None) -> Rollout:
+    """1. Sample one response per prompt (lists of ids) with the generation engine."""
+    gen = generate(policy, prompt_ids, params, eos_id, pad_id, generator)
     device = gen.tokens.device
-    P = max(len(p) for p in prompt_ids)
-    B, R = gen.tokens.shape
-    ids = torch.full((B, P + R), tok.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, P + R), dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p):P] = torch.tensor(p, device=device)
-        mask[i, P - len(p):P] = 1
-    resp_mask = (torch.arange(R, device=device)[None] < gen.lengths[:, None]).long()
-    ids[:, P:] = gen.tokens
-    mask[:, P:] = resp_mask
-    texts = [tok.decode(t) for t in gen.token_lists()]
-    return Rollout(ids, mask, gen.tokens, resp_mask, gen.ended, P, prompts, texts)
+    prompt, prompt_mask = left_pad(prompt_ids, pad_id, device)  # (B, P) each
+    R = gen.tokens.size(1)
+    resp_mask = (torch.arange(R, device=device)[None] < gen.lengths[:, None]).long()  # (B, R)
+    ids = torch.cat([prompt, gen.tokens], 1)  # (B, P + R)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    return Rollout(ids, mask, resp_mask, gen.ended, prompt.size(1))
 
 
-def response_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of each response token (B, R), computed in fp32."""
+def response_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor, P: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) (B, R) of each response token, at the sampling temperature, in fp32."""
     pos = positions_from_mask(mask)
     logits = model(ids, attention_mask=mask, position_ids=pos, logits_slice=slice(P - 1, -1))  # (B, R, V)
-    return -F.cross_entropy(logits.float().transpose(1, 2), ids[:, P:], reduction="none")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits.transpose(1, 2), ids[:, P:], reduction="none")
 
 
 def response_values(model: ScalarModel, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-    """V at the state before each response token (B, R): the value at the position that predicts it."""
-    values = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))  # (B, T)
+    """V (B, R) of the state before each response token: the value at the position that predicts it."""
+    values = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))  # (B, P + R)
     return values[:, P - 1:-1].float()
 
 
-def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """`module:function`, a custom reward taking (prompts, responses) and returning one float each."""
-    if ":" not in spec:
+def score_rollout(ro: Rollout, policy: GPT, ref: GPT, value_model: ScalarModel, reward_model: ScalarModel | None,
+                  runtime: train.Runtime, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """2. Old and reference log-probabilities (B, R), old values (B, R) and, with a reward model, the score
+    of each response (B,), read at its last real token (the attention mask says where)."""
+    ids, mask, P = ro.ids, ro.attention_mask, ro.prompt_len
+    out = {}
+    with torch.no_grad(), runtime.autocast():
+        out["old_logp"] = response_logprobs(policy, ids, mask, P, temperature)
+        out["ref_logp"] = response_logprobs(ref, ids, mask, P, temperature)
+        out["old_values"] = response_values(value_model, ids, mask, P)
+        if reward_model is not None:
+            scores = reward_model.score(ids, mask).float()
+            if not torch.isfinite(scores).all():
+                raise UserError("the reward model returned a non-finite score; check its checkpoint")
+            out["scores"] = scores
+    return out
+
+
+def load_reward_fn(spec: str) -> tuple[str, RewardFn]:
+    """`module:function`: a custom reward taking (prompts, responses) as lists of strings and returning
+    one float per response. Returns (spec, function)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
         raise UserError(f"--reward-fn must look like module:function, got {spec!r}")
-    module, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot load reward function {spec!r}: {e}") from None
-    return fn
+    if not callable(fn):
+        raise UserError(f"reward function {spec!r} is not callable")
+    return spec, fn
 
 
-def custom_scores(fn: Callable, name: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+def custom_scores(fn: RewardFn, name: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Call a custom reward and check what it returns: one finite number per response, or a UserError
+    that names the function."""
     values = fn(prompts, responses)
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError) as e:
-        raise UserError(f"reward function {name} must return numbers: {e}") from None
+    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise UserError(f"reward function {name} must return a list of {len(responses)} numbers, "
+                        f"got {type(values).__name__}")
     if len(values) != len(responses):
         raise UserError(f"reward function {name} returned {len(values)} rewards for {len(responses)} responses")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise UserError(f"reward function {name} returned a non-finite reward ({values[bad[0]]}) "
-                        f"for response {bad[0]}: {responses[bad[0]]!r:.80}")
-    return torch.tensor(values)
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise UserError(f"reward function {name} returned {v!r} for response {i} "
+                            f"({responses[i]!r:.80}); expected a number") from None
+        if not math.isfinite(out[-1]):
+            raise UserError(f"reward function {name} returned a non-finite reward ({v}) for response {i}: "
+                            f"{responses[i]!r:.80}")
+    return torch.tensor(out, dtype=torch.float32)
 
 
-@dataclass
-class PPOConfig:
-    """Hyperparameters of PPO (paper appendix C.4 where it gives them)."""
-
-    beta: float = 0.02  # KL penalty coefficient (the paper's beta)
-    kl_target: float | None = None  # adaptive KL: move beta so the KL tracks this (None: fixed beta)
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    clip: float = 0.2  # policy ratio clip
-    value_clip: float = 0.2  # value clip
-    ppo_epochs: int = 4  # passes over each rollout batch
-    minibatches: int = 4  # minibatches per pass
-    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss (the paper's gamma = 27.8)
-    missing_end_penalty: float = 1.0  # subtracted from the score of a response that never ends
-    ema: float = 0.0  # EMA decay of the policy weights (0: no EMA)
+def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig,
+                    beta: float) -> dict[str, torch.Tensor]:
+    """3-4. From the scored rollout to what the update needs: the penalised scores (B,), per-token rewards
+    and KL (B, R), whitened advantages and returns (B, R). The KL here is the one that is logged."""
+    mask = ro.response_mask.float()
+    # A response that never produced the end token loses missing_end_penalty (paper: ending cleanly matters).
+    scores = scored["scores"] - cfg.missing_end_penalty * (~ro.ended).float()
+    rewards, kl = compute_rewards(scores, scored["old_logp"], scored["ref_logp"], mask, beta)
+    adv, returns = compute_advantages(scored["old_values"], rewards, mask, cfg.gamma, cfg.lam)
+    return {**scored, "mask": mask, "penalised_scores": scores, "rewards": rewards, "kl": kl,
+            "advantages": masked_whiten(adv, mask), "returns": returns}
 
 
-def score_rollout(ro: Rollout, policy, ref, value_model, reward_model, tok: Tokenizer,
-                  reward_fn: tuple[str, Callable] | None, runtime) -> dict[str, torch.Tensor]:
-    """2. Old and reference log-probabilities, old values, and the score of each response."""
-    ids, mask, P = ro.ids, ro.attention_mask, ro.prompt_len
-    with torch.no_grad(), runtime.autocast():
-        old_logp = response_logprobs(policy, ids, mask, P)
-        ref_logp = response_logprobs(ref, ids, mask, P)
-        values = response_values(value_model, ids, mask, P)
-        if reward_fn is not None:
-            name, fn = reward_fn
-            scores = custom_scores(fn, name, [p.messages[-1]["content"] for p in ro.prompts], ro.texts)
-            scores = scores.to(ids.device)
-        else:
-            scores = reward_model.score(ids, mask).float()
-    if not torch.isfinite(scores).all():
-        raise UserError("the reward model returned a non-finite score; check its checkpoint")
-    return {"old_logp": old_logp.float(), "ref_logp": ref_logp.float(), "old_values": values, "scores": scores}
+def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: float) -> dict[str, float]:
+    """What the rollouts say, under TRL's names; sums over each response's tokens, means over responses."""
+    kl = exp["kl"].sum(1)  # (B,)
+    non_score = -beta * kl
+    return {
+        "objective/kl": float(kl.mean()),
+        "objective/kl_coef": beta,
+        "objective/entropy": float(-(exp["old_logp"] * exp["mask"]).sum(1).mean()),
+        "objective/scores": float(exp["scores"].mean()),
+        "objective/non_score_reward": float(non_score.mean()),
+        "objective/rlhf_reward": float((exp["penalised_scores"] + non_score).mean()),
+        "val/ended": float(ended.float().mean()),
+        "val/response_length": float(exp["mask"].sum(1).mean()),
+    }
 
 
-def ppo_update(policy, value_model, opt_p, opt_v, ro: Rollout, batch: dict[str, torch.Tensor], cfg: PPOConfig,
-               tcfg: train.TrainConfig, runtime, step: int, rng: np.random.Generator,
-               ptx: PretrainWindows | None) -> dict:
-    """5. Minibatch PPO epochs on one rollout batch; returns the mean of each statistic."""
+# ----------------------------------------------------------------------------------------------------
+# The update
+
+
+def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimizer, opt_v: torch.optim.Optimizer,
+               ro: Rollout, exp: dict[str, torch.Tensor], cfg: PPOConfig, runtime: train.Runtime,
+               rng: np.random.Generator, lr: float, grad_clip: float = 1.0,
+               ptx: PretrainWindows | None = None) -> dict[str, float]:
+    """5. cfg.ppo_epochs passes over the rollout batch in cfg.minibatches shuffled minibatches, one optimizer
+    step of the policy and of the value model per minibatch. Returns the mean of each statistic, and the
+    ratio and approximate KL of the very first minibatch (1 and 0: nothing has moved yet)."""
     B = ro.ids.size(0)
-    mb = max(1, B // cfg.minibatches)
+    if B % cfg.minibatches:
+        raise UserError(f"the batch of {B} rollouts does not split into {cfg.minibatches} equal minibatches")
+    mb = B // cfg.minibatches
+    for opt in (opt_p, opt_v):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    policy.train()
+    value_model.train()
     stats: dict[str, list[float]] = {}
-    lr_p = train.lr_at(step, tcfg)
-    for group in opt_p.param_groups:
-        group["lr"] = lr_p
-    for group in opt_v.param_groups:
-        group["lr"] = lr_p
-    first_approxkl = None
+    first: dict[str, float] = {}
     for _ in range(cfg.ppo_epochs):
         order = torch.from_numpy(rng.permutation(B)).to(ro.ids.device)
         for s in range(0, B, mb):
             idx = order[s:s + mb]
-            ids, mask, rmask = ro.ids[idx], ro.attention_mask[idx], ro.response_mask[idx].float()
+            ids, amask, mask = ro.ids[idx], ro.attention_mask[idx], exp["mask"][idx]
             with runtime.autocast():
-                logp = response_logprobs(policy, ids, mask, ro.prompt_len)
-                values = response_values(value_model, ids, mask, ro.prompt_len)
-            pl, pstats = policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rmask, cfg.clip)
-            vl, vstats = value_loss(values, batch["old_values"][idx], batch["returns"][idx], rmask, cfg.value_clip)
-            loss_p = pl
+                logp = response_logprobs(policy, ids, amask, ro.prompt_len, cfg.temperature)
+                values = response_values(value_model, ids, amask, ro.prompt_len)
+            pl, pstats = policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], mask, cfg.clip)
+            vl, vstats = value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask, cfg.value_clip)
+            loss = pl + vl
             if ptx is not None:
                 w = {k: v.to(ro.ids.device) for k, v in ptx.batch(mb).items()}
                 with runtime.autocast():
                     logits = policy(w["ids"])
                 ptx_loss = train.token_cross_entropy(logits, w["labels"]) / w["labels"].numel()
-                loss_p = pl + cfg.ptx_coef * ptx_loss
-                pstats["loss/ptx"] = float(ptx_loss)
+                loss = loss + cfg.ptx_coef * ptx_loss
+                pstats["loss/ptx"] = float(ptx_loss.detach())
             opt_p.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
-            (loss_p + vl).backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.grad_clip)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), tcfg.grad_clip)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
             opt_p.step()
             opt_v.step()
-            if first_approxkl is None:
-                first_approxkl = pstats["policy/approxkl"]
-                pstats["policy/first_ratio"] = pstats["policy/ratio_mean"]
-            for k, v in {**pstats, **vstats, "loss/policy": float(pl), "loss/value": float(vl)}.items():
+            row = {**pstats, **vstats, "loss/policy": float(pl.detach()), "loss/value": float(vl.detach())}
+            if not first:
+                first = {"policy/first_ratio_maxdev": row["policy/ratio_maxdev"],
+                         "policy/first_approxkl": row["policy/approxkl"]}
+            for k, v in row.items():
                 stats.setdefault(k, []).append(v)
-    out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["policy/first_approxkl"] = first_approxkl
-    return out
+    out = {k: float(np.mean(v)) for k, v in stats.items() if k != "policy/ratio_maxdev"}
+    return out | first
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
@@ -301,6 +408,36 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The stage
+
+
+def encode_prompts(tok: Tokenizer, prompts: list, block_size: int, max_new_tokens: int) -> tuple[list, list]:
+    """Render every prompt with the chat template; prompts that leave no room for max_new_tokens in the
+    model's context are left out (and counted). Returns (prompts, ids)."""
+    kept, ids = [], []
+    for p in prompts:
+        x = render_prompt(tok, p.messages)
+        if len(x) + max_new_tokens <= block_size:
+            kept.append(p)
+            ids.append(x)
+    dropped = len(prompts) - len(kept)
+    if dropped:
+        print(f"ppo: {dropped} of {len(prompts)} prompt(s) leave no room for {max_new_tokens} new tokens in the "
+              f"context of {block_size} and are left out")
+    if not kept:
+        raise UserError(f"no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
+    return kept, ids
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    # Dropout would make the ratio differ from 1 at the first minibatch and the values noisy.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model.config.dropout = model.config.attn_dropout = 0.0
+    for m in model.modules():
+        if hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
+            m.attn_dropout = 0.0
+    return model
 
 
 def ppo_command(
@@ -316,6 +453,7 @@ def ppo_command(
     temperature: float = 1.0,
     lr: float = 1e-5,
     warmup_steps: int = 5,
+    grad_clip: float = 1.0,
     beta: float = 0.02,
     kl_target: float | None = None,
     ppo_epochs: int = 4,
@@ -343,13 +481,20 @@ def ppo_command(
         prompts: prompt file (any format the readers accept).
         out: stage folder to write.
         reward: the reward-model checkpoint (frozen); also the value model's initialisation.
-        reward_fn: instead of a reward model, `module:function` mapping (prompts, responses) to floats.
-        value_init: value-model initialisation (default: the reward model, as in the paper).
-        batch_size: prompts per rollout batch (one response each).
+        reward_fn: instead of a reward model, `module:function` mapping (prompts, responses), two lists of
+            strings (the last user message, the decoded response), to one float per response.
+        value_init: value-model initialisation (default: the reward model, as in the paper; with
+            --reward-fn, the policy with a fresh scalar head).
+        batch_size: prompts per rollout batch (one response each); a multiple of minibatches.
+        max_steps: rollout batches (each followed by ppo_epochs x minibatches optimizer steps).
         beta: KL penalty coefficient; kl_target turns on the adaptive controller.
+        ppo_epochs: passes over each rollout batch; minibatches: optimizer steps per pass.
         ptx_coef: PPO-ptx pretraining-loss coefficient (the paper used 27.8); needs ptx_data.
+        ptx_data: a folder written by `instructgpt prepare` (the pretraining distribution).
         missing_end_penalty: subtracted from the score of a response that hits max_new_tokens unfinished.
         ema: EMA decay of the policy weights; the exported policy is the EMA when > 0.
+        sample_interval: append a few sample completions to OUT/samples.jsonl every this many steps (0: never).
+        resume: continue from the latest checkpoint in OUT.
     """
     t0 = time.time()
     policy_dir, out = Path(policy), Path(out)
@@ -359,37 +504,53 @@ def ppo_command(
         raise UserError("give exactly one of --reward (a reward-model folder) and --reward-fn (module:function)")
     if ptx_coef > 0 and ptx_data is None:
         raise UserError("--ptx-coef needs --ptx-data (a folder written by `instructgpt prepare`)")
+    if ptx_data is not None and ptx_coef <= 0:
+        raise UserError("--ptx-data is used only by PPO-ptx: give --ptx-coef too (the paper used 27.8)")
+    if batch_size % minibatches:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of --minibatches {minibatches}")
     if read_config(policy_dir)["kind"] != "gpt":
         raise UserError(f"{policy_dir}: PPO needs a decoder-only language model as the policy")
     cfg = PPOConfig(beta=beta, kl_target=kl_target, gamma=gamma, lam=lam, clip=clip, value_clip=value_clip,
                     ppo_epochs=ppo_epochs, minibatches=minibatches, ptx_coef=ptx_coef,
-                    missing_end_penalty=missing_end_penalty, ema=ema)
+                    missing_end_penalty=missing_end_penalty, ema=ema, temperature=temperature)
+    cfg.validate()
     tcfg = train.TrainConfig(batch_size=batch_size, lr=lr, min_lr=lr, warmup_steps=warmup_steps,
-                             max_steps=max_steps, weight_decay=0.0, seed=seed, device=device, dtype=dtype,
-                             compile=False, log_interval=log_interval, beta2=0.95)
+                             max_steps=max_steps, weight_decay=0.0, grad_clip=grad_clip, seed=seed, device=device,
+                             dtype=dtype, compile=False, log_interval=log_interval,
+                             checkpoint_interval=checkpoint_interval)
+    fn = load_reward_fn(reward_fn) if reward_fn else None
     runtime = train.setup(tcfg)
     dev = runtime.device
     tok = Tokenizer.load(policy_dir / "tokenizer.json")
-    items = list(read_prompts(prompts))
 
     # Models: policy and reference from SFT; reward frozen; value from the reward model.
-    pol = load_model(policy_dir, kind="gpt", device=dev)
-    for m in pol.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # the ratio must be exactly 1 at the first minibatch
-    ref = load_model(policy_dir, kind="gpt", device=dev).eval().requires_grad_(False)
-    rm = load_model(reward, kind="scalar", device=dev).eval().requires_grad_(False) if reward else None
-    vinit = value_init or reward or policy_dir
-    value_model = load_model(vinit, kind="scalar", device=dev)
-    ema_model = load_model(policy_dir, kind="gpt", device=dev).eval().requires_grad_(False) if ema > 0 else None
+    pol = _no_dropout(load_model(policy_dir, kind="gpt", device=dev))
+    ref = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
+    rm = _no_dropout(load_model(reward, kind="scalar", device=dev)).eval().requires_grad_(False) if reward else None
+    value_model = _no_dropout(load_model(value_init or reward or policy_dir, kind="scalar", device=dev))
+    for name, m in (("reward model", rm), ("value model", value_model)):
+        if m is not None and m.config.vocab_size != pol.config.vocab_size:
+            raise UserError(f"the {name} has a vocabulary of {m.config.vocab_size} tokens, the policy "
+                            f"{pol.config.vocab_size}: they must share the policy's tokenizer")
+    ema_model = None
+    if ema > 0:
+        ema_model = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
     opt_p = train.make_optimizer(pol, tcfg, runtime)
     opt_v = train.make_optimizer(value_model, tcfg, runtime)
-    kl_ctl = AdaptiveKL(beta, kl_target)
-    fn = (reward_fn, load_reward_fn(reward_fn)) if reward_fn else None
-    ptx = PretrainWindows(Path(ptx_data), pol.config.block_size // 2, seed) if ptx_coef > 0 else None
+    kl_ctl = AdaptiveKL(beta, kl_target, cfg.kl_horizon)
+    ptx = None
+    if ptx_coef > 0:
+        ptx = PretrainWindows(Path(ptx_data), pol.config.block_size // 2, seed)
+        ptx_vocab = json.loads((Path(ptx_data) / "meta.json").read_text()).get("vocab_size")
+        if ptx_vocab != tok.vocab_size:
+            raise UserError(f"{ptx_data} was tokenized with a vocabulary of {ptx_vocab} tokens, the policy's "
+                            f"tokenizer has {tok.vocab_size}: prepare it with the policy's tokenizer")
+
+    # Prompts, and every generator whose state a resumed run must find again.
+    items, prompt_ids = encode_prompts(tok, list(read_prompts(prompts)), pol.config.block_size, max_new_tokens)
     sampler = EpochSampler(len(items), seed)
-    rng = np.random.default_rng([seed, 3])
-    generator = torch.Generator(device=dev).manual_seed(seed)
+    rng = np.random.default_rng([seed, 3])  # minibatch order
+    generator = torch.Generator(device=dev).manual_seed(seed)  # sampling
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
 
     ckpt = train.Checkpointer(out, keep_last=2)
@@ -408,6 +569,7 @@ def ppo_command(
     out.mkdir(parents=True, exist_ok=True)
     log = train.MetricsLog(out / "metrics.jsonl", resume_step=step)
     samples_path = out / "samples.jsonl"
+    stage = "ppo-ptx" if ptx else "ppo"
 
     def save(step: int) -> None:
         state = {"step": step, "sampler": sampler.state(), "kl": kl_ctl.state(), "rng": rng.bit_generator.state,
@@ -416,62 +578,48 @@ def ppo_command(
             state["ptx"] = ptx.state()
         ckpt.save(step, models, optimizers, state)
 
-    progress = train.Progress(max_steps, "ppo-ptx" if ptx else "ppo", start=step)
+    progress = train.Progress(max_steps, stage, start=step)
     while step < max_steps:
         step_t0 = time.time()
         # 1. rollout
-        batch_prompts = [items[i] for i in sampler.take(batch_size)]
-        pol.eval()
-        ro = rollout(pol, tok, batch_prompts, params, generator)
+        idx = sampler.take(batch_size)
+        ro = rollout(pol, [prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, generator)
+        texts = [tok.decode(r) for r in ro.response_lists()]
         t_gen = time.time() - step_t0
-        # 2. score
-        scored = score_rollout(ro, pol, ref, value_model, rm, tok, fn, runtime)
-        scores = scored["scores"] - cfg.missing_end_penalty * (~ro.ended).float()
-        # 3. rewards with the KL penalty
-        rmask = ro.response_mask.float()
-        rewards, kl = compute_rewards(scores, scored["old_logp"], scored["ref_logp"], rmask, kl_ctl.beta)
-        # 4. advantages
-        adv, returns = compute_advantages(scored["old_values"], rewards, rmask, cfg.gamma, cfg.lam)
-        adv = masked_whiten(adv, rmask)
+        # 2. score: old and reference log-probabilities, values, and the reward of each response
+        scored = score_rollout(ro, pol, ref, value_model, rm, runtime, cfg.temperature)
+        if fn is not None:
+            prompt_texts = [items[i].messages[-1]["content"] for i in idx]
+            scored["scores"] = custom_scores(fn[1], fn[0], prompt_texts, texts).to(dev)
+        # 3-4. rewards with the KL penalty, advantages
+        exp = make_experience(ro, scored, cfg, kl_ctl.beta)
         t_score = time.time() - step_t0 - t_gen
         # 5. update
-        pol.train()
-        value_model.train()
-        upd = ppo_update(pol, value_model, opt_p, opt_v, ro,
-                         {**scored, "advantages": adv, "returns": returns}, cfg, tcfg, runtime, step, rng, ptx)
+        upd = ppo_update(pol, value_model, opt_p, opt_v, ro, exp, cfg, runtime, rng, train.lr_at(step, tcfg),
+                         grad_clip, ptx)
         if ema_model is not None:
             ema_update(ema_model, pol, cfg.ema)
         step += 1
-        mean_kl = float((kl.sum(1)).mean())
-        row = {
-            "step": step,
-            "objective/kl": mean_kl,
-            "objective/kl_coef": kl_ctl.beta,
-            "objective/entropy": float(-(scored["old_logp"] * rmask).sum(1).mean()),
-            "objective/scores": float(scored["scores"].mean()),
-            "objective/rlhf_reward": float((scores - kl_ctl.beta * kl.sum(1)).mean()),
-            "objective/non_score_reward": float((-kl_ctl.beta * kl.sum(1)).mean()),
-            "val/ended": float(ro.ended.float().mean()),
-            "val/response_length": float(rmask.sum(1).mean()),
-            "time/generate": t_gen, "time/score": t_score, "time/step": time.time() - step_t0,
-            **upd,
-        }
-        kl_ctl.update(mean_kl, batch_size)
+        row = {"step": step, "episode": step * batch_size, "lr": train.lr_at(step - 1, tcfg),
+               **rollout_metrics(exp, ro.ended, kl_ctl.beta), **upd,
+               "time/generate": t_gen, "time/score": t_score, "time/step": time.time() - step_t0}
+        kl_ctl.update(row["objective/kl"], batch_size)
         if step % log_interval == 0:
             log.write(row)
         if sample_interval and step % sample_interval == 0:
             with samples_path.open("a") as f:
-                for p, t, s in list(zip(ro.prompts, ro.texts, scored["scores"].tolist()))[:4]:
-                    f.write(json.dumps({"step": step, "prompt": p.messages[-1]["content"], "response": t,
-                                        "score": s}) + "\n")
+                for j in range(min(4, len(idx))):
+                    f.write(json.dumps({"step": step, "prompt": items[idx[j]].messages[-1]["content"],
+                                        "response": texts[j], "score": float(scored["scores"][j]),
+                                        "ended": bool(ro.ended[j])}) + "\n")
         if step % checkpoint_interval == 0 or step == max_steps:
             save(step)
-        progress.update(step, {"score": row["objective/scores"], "kl": mean_kl})
+        progress.update(step, {"score": row["objective/scores"], "kl": row["objective/kl"]})
     progress.close()
 
     final = ema_model if ema_model is not None else pol
-    ckpt.export(final, extra={"stage": "ppo-ptx" if ptx else "ppo"})
+    ckpt.export(final, extra={"stage": stage})
     shutil.copy(policy_dir / "tokenizer.json", out / "tokenizer.json")
-    summary = {"stage": "ppo-ptx" if ptx else "ppo", "steps": step, "seconds": time.time() - t0}
+    summary = {"stage": stage, "steps": step, "seconds": time.time() - t0}
     (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

@@ -1,0 +1,405 @@
+"""PPO and PPO-ptx: GAE against a for-loop twin, rewards at the last real token, ratio 1 at the first
+minibatch, the logged KL is the KL in the rewards, learning (reward-model score and a custom reward), exact
+resume, loud failures and empty responses. Tiny models built once per module; the file runs in seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from instructgpt import train
+from instructgpt.checkpoint import load_model, load_tensors, save_model
+from instructgpt.errors import UserError
+from instructgpt.generate import SamplingParams
+from instructgpt.model import GPT, ModelConfig, ScalarModel
+from instructgpt.ppo import (
+    PPOConfig,
+    compute_advantages,
+    compute_rewards,
+    custom_scores,
+    load_reward_fn,
+    make_experience,
+    ppo_command,
+    ppo_update,
+    response_logprobs,
+    rollout,
+    rollout_metrics,
+    score_rollout,
+)
+from instructgpt.prepare import prepare_command
+from instructgpt.tokenizer import Tokenizer
+
+WORDS = "the cat sat on a mat and saw big red dogs run by us".split()
+
+REWARD_MODULE = '''
+CALLS = {"n": 0, "crash_at": None}
+
+def count_x(prompts, responses):
+    CALLS["n"] += 1
+    if CALLS["crash_at"] is not None and CALLS["n"] >= CALLS["crash_at"]:
+        raise RuntimeError("simulated stop")
+    return [r.count("x") for r in responses]
+
+def nan_reward(prompts, responses):
+    return [float("nan")] + [0.0] * (len(responses) - 1)
+
+def missing_reward(prompts, responses):
+    return [None] * len(responses)
+
+def short_reward(prompts, responses):
+    return [1.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A char tokenizer and pretraining shards over a small corpus, a random tiny policy (the "SFT" model),
+    a random reward model, a prompt file, and a module of custom rewards on sys.path."""
+    root = tmp_path_factory.mktemp("ppo")
+    rng = np.random.default_rng(0)
+    corpus = root / "corpus.txt"
+    docs = [" ".join(rng.choice(WORDS, 12)) + " xyz." for _ in range(300)]
+    corpus.write_text("\n\n".join(docs) + "\n")
+    prepare_command(inputs=[corpus], out=root / "data", tokenizer="char", seed=0)
+    tok = Tokenizer.load(root / "data" / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_multiple=8)
+    torch.manual_seed(0)
+    policy, rm = GPT(cfg), ScalarModel(cfg)
+    with torch.no_grad():
+        rm.score_head.weight.mul_(3.0)  # scores spread over a few units, like a trained reward model's
+    for folder, model in ((root / "sft", policy), (root / "rm", rm)):
+        save_model(model, folder)
+        (folder / "tokenizer.json").write_text((root / "data" / "tokenizer.json").read_text())
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS, rng.integers(1, 4)))}) + "\n"
+                               for _ in range(48)))
+    (root / "rewards_ppo_test.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(root))
+    yield {"root": root, "tok": tok, "sft": root / "sft", "rm": root / "rm", "prompts": prompts,
+           "data": root / "data"}
+    sys.path.remove(str(root))
+
+
+def runtime() -> train.Runtime:
+    return train.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext)
+
+
+def prompt_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    from instructgpt.chat import render_prompt
+
+    return [render_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
+
+
+def policy_and_friends(world, seed: int = 0):
+    """Policy and value model to train, a reference that differs from the policy (so the KL is not 0),
+    and the reward model."""
+    policy = load_model(world["sft"], kind="gpt")
+    ref = load_model(world["sft"], kind="gpt").requires_grad_(False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    value = load_model(world["rm"], kind="scalar")
+    rm = load_model(world["rm"], kind="scalar").requires_grad_(False)
+    return policy, ref, value, rm
+
+
+# ----------------------------------------------------------------------------------------------------
+# GAE: the vectorised version against a plain loop over python lists
+
+
+def gae_loop(values: list[list[float]], rewards: list[list[float]], lengths: list[int], gamma: float,
+             lam: float) -> tuple[list[list[float]], list[list[float]]]:
+    advs, rets = [], []
+    for v, r, n in zip(values, rewards, lengths):
+        R = len(r)
+        adv = [0.0] * R
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = v[t + 1] if t + 1 < n else 0.0
+            delta = r[t] + gamma * next_v - v[t]
+            last = delta + gamma * lam * last
+            adv[t] = last
+        advs.append(adv)
+        rets.append([adv[t] + (v[t] if t < n else 0.0) for t in range(R)])
+    return advs, rets
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
+def test_vectorised_gae_equals_loop(gamma: float, lam: float) -> None:
+    g = torch.Generator().manual_seed(int(gamma * 100 + lam * 10))
+    B, R = 9, 17
+    lengths = torch.randint(1, R + 1, (B,), generator=g)
+    lengths[0], lengths[1] = 1, R  # an empty reply (just its end token) and one that fills the batch
+    mask = (torch.arange(R)[None] < lengths[:, None]).double()
+    values = torch.randn(B, R, generator=g, dtype=torch.float64)  # garbage on padding: must be ignored
+    rewards = torch.randn(B, R, generator=g, dtype=torch.float64) * mask
+    adv, ret = compute_advantages(values, rewards, mask, gamma, lam)
+    want_adv, want_ret = gae_loop(values.tolist(), rewards.tolist(), lengths.tolist(), gamma, lam)
+    torch.testing.assert_close(adv, torch.tensor(want_adv, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, torch.tensor(want_ret, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    adv32, _ = compute_advantages(values.float(), rewards.float(), mask.float(), gamma, lam)
+    torch.testing.assert_close(adv32, torch.tensor(want_adv, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards
+
+
+def test_reward_at_last_real_token_and_missing_end_penalty() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    logp = torch.randn(3, 4)
+    ref_logp = torch.randn(3, 4)
+    scores = torch.tensor([2.0, -1.0, 0.5])
+    rewards, kl = compute_rewards(scores, logp, ref_logp, mask, beta=0.1)
+    torch.testing.assert_close(kl, (logp - ref_logp) * mask)
+    want = -0.1 * kl
+    want[0, 2] += 2.0
+    want[1, 0] += -1.0
+    want[2, 3] += 0.5
+    torch.testing.assert_close(rewards, want)
+    assert (rewards * (1 - mask) == 0).all()
+    with pytest.raises(ValueError, match="response 1 has no token"):
+        compute_rewards(scores, logp, ref_logp, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]), 0.1)
+
+    # make_experience: a response that never produced the end token loses the penalty, at its last token
+    from instructgpt.ppo import Rollout
+
+    ro = Rollout(ids=torch.zeros(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6, dtype=torch.long),
+                 response_mask=mask.long(), ended=torch.tensor([True, True, False]), prompt_len=2)
+    scored = {"old_logp": logp, "ref_logp": ref_logp, "old_values": torch.zeros(3, 4), "scores": scores}
+    exp = make_experience(ro, scored, PPOConfig(beta=0.1, missing_end_penalty=0.75), beta=0.1)
+    torch.testing.assert_close(exp["penalised_scores"], torch.tensor([2.0, -1.0, -0.25]))
+    assert float(exp["rewards"][2, 3] + 0.1 * kl[2, 3]) == pytest.approx(-0.25)
+
+
+def test_reward_model_score_read_at_last_token_whatever_the_padding(world) -> None:
+    """A response scored inside a padded rollout batch gets the score it gets alone, unpadded."""
+    tok = world["tok"]
+    policy, ref, value, rm = policy_and_friends(world)
+    ids = prompt_ids(tok, ["the cat", "a big red dog ran by us", "saw"])
+    ro = rollout(policy, ids, SamplingParams(max_new_tokens=10), tok.eos_id, tok.pad_id,
+                 torch.Generator().manual_seed(3))
+    scored = score_rollout(ro, policy, ref, value, rm, runtime())
+    for i, (p, r) in enumerate(zip(ids, ro.response_lists())):
+        alone = torch.tensor([p + r])
+        want = rm(alone)[0, -1]
+        assert float(scored["scores"][i]) == pytest.approx(float(want), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The first minibatch, and the KL that is logged
+
+
+def test_first_minibatch_ratio_is_one_and_logged_kl_is_the_reward_kl(world) -> None:
+    tok = world["tok"]
+    policy, ref, value, rm = policy_and_friends(world)
+    texts = ["the cat sat", "a dog", "run by us", "big red mat", "saw", "on a mat", "and the", "red"]
+    ro = rollout(policy, prompt_ids(tok, texts), SamplingParams(max_new_tokens=12), tok.eos_id, tok.pad_id,
+                 torch.Generator().manual_seed(0))
+    cfg = PPOConfig(beta=0.05, ppo_epochs=2, minibatches=2)
+    scored = score_rollout(ro, policy, ref, value, rm, runtime())
+    exp = make_experience(ro, scored, cfg, cfg.beta)
+    metrics = rollout_metrics(exp, ro.ended, cfg.beta)
+
+    # the logged KL, recomputed from the log-probabilities, is the KL inside the rewards
+    mask = ro.response_mask.float()
+    kl = ((scored["old_logp"] - scored["ref_logp"]) * mask).sum(1)
+    assert abs(float(kl.mean())) > 1e-3  # the reference differs from the policy: the check can fail
+    assert metrics["objective/kl"] == pytest.approx(float(kl.mean()), rel=1e-6, abs=1e-7)
+    last = (mask.sum(1).long() - 1)[:, None]
+    score_part = torch.zeros_like(mask).scatter(1, last, exp["penalised_scores"][:, None])
+    torch.testing.assert_close((exp["rewards"] - score_part).sum(1), -cfg.beta * kl)
+    assert metrics["objective/non_score_reward"] == pytest.approx(float(-cfg.beta * kl.mean()), rel=1e-6)
+
+    # old log-probabilities are the policy's own: a minibatch of the rollout gets ratio 1 before any step
+    idx = torch.tensor([5, 1, 6, 2])
+    with torch.no_grad():
+        logp = response_logprobs(policy, ro.ids[idx], ro.attention_mask[idx], ro.prompt_len)
+    assert float(((logp - scored["old_logp"][idx]).abs() * mask[idx]).max()) < 1e-5
+
+    opt_p = train.make_optimizer(policy, train.TrainConfig(weight_decay=0.0), runtime())
+    opt_v = train.make_optimizer(value, train.TrainConfig(weight_decay=0.0), runtime())
+    upd = ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=1e-2)
+    assert upd["policy/first_ratio_maxdev"] < 1e-5
+    assert upd["policy/first_approxkl"] < 1e-10
+    assert upd["policy/approxkl"] > 1e-6  # later minibatches see a policy that moved: the check can fail
+    assert all(np.isfinite(v) for v in upd.values())
+
+
+def test_empty_responses_get_the_reward_on_their_end_token(world) -> None:
+    """A policy that emits the end token first: one-token responses (empty text), the reward sits on the end
+    token, nothing is NaN, and an update runs."""
+    tok = world["tok"]
+    policy, ref, value, rm = policy_and_friends(world)
+    with torch.no_grad():  # every position's hidden state becomes e_0; only the end token's logit is large
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.zero_()
+        policy.transformer.ln_f.bias[0] = 1.0
+        policy.transformer.wte.weight[:, 0] = 0.0
+        policy.transformer.wte.weight[tok.eos_id, 0] = 50.0
+    ro = rollout(policy, prompt_ids(tok, ["the cat", "a", "big red dogs", "us"]), SamplingParams(max_new_tokens=8),
+                 tok.eos_id, tok.pad_id, torch.Generator().manual_seed(0))
+    assert ro.response_mask.sum(1).tolist() == [1, 1, 1, 1] and bool(ro.ended.all())
+    assert [tok.decode(r) for r in ro.response_lists()] == ["", "", "", ""]
+    cfg = PPOConfig(ppo_epochs=2, minibatches=2)
+    scored = score_rollout(ro, policy, ref, value, rm, runtime())
+    exp = make_experience(ro, scored, cfg, cfg.beta)
+    torch.testing.assert_close(exp["rewards"][:, 0], scored["scores"] - cfg.beta * exp["kl"][:, 0])
+    for k, v in exp.items():
+        assert torch.isfinite(v).all(), k
+    opt_p = train.make_optimizer(policy, train.TrainConfig(), runtime())
+    opt_v = train.make_optimizer(value, train.TrainConfig(), runtime())
+    upd = ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=1e-3)
+    assert all(np.isfinite(v) for v in upd.values())
+    assert all(torch.isfinite(p).all() for p in [*policy.parameters(), *value.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning
+
+
+@torch.no_grad()
+def sample(policy: GPT, tok: Tokenizer, n: int = 96, max_new: int = 10, seed: int = 123):
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, rng.integers(1, 4))) for _ in range(n)]
+    ids = prompt_ids(tok, texts)
+    ro = rollout(policy, ids, SamplingParams(max_new_tokens=max_new), tok.eos_id, tok.pad_id,
+                 torch.Generator().manual_seed(seed))
+    return ro, [tok.decode(r) for r in ro.response_lists()]
+
+
+def test_ppo_raises_the_reward_model_score(world, tmp_path) -> None:
+    tok = world["tok"]
+    rm = load_model(world["rm"], kind="scalar").eval()
+    ppo_command(policy=world["sft"], reward=world["rm"], prompts=world["prompts"], out=tmp_path / "ppo",
+                batch_size=16, max_steps=30, max_new_tokens=10, lr=3e-3, warmup_steps=1, minibatches=2,
+                ppo_epochs=2, missing_end_penalty=0.0, sample_interval=10, device="cpu", seed=0)
+
+    @torch.no_grad()
+    def scores(policy) -> torch.Tensor:
+        ro, _ = sample(policy, tok)
+        return rm.score(ro.ids, ro.attention_mask)
+
+    before = scores(load_model(world["sft"], kind="gpt"))
+    after = scores(load_model(tmp_path / "ppo", kind="gpt"))
+    stderr = float((before.var() / len(before) + after.var() / len(after)).sqrt())
+    assert float(after.mean() - before.mean()) > 3 * stderr, (before.mean(), after.mean(), stderr)
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and all(abs(r["policy/first_approxkl"]) < 1e-9 for r in rows)
+    for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+                 "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac",
+                 "val/response_length"):
+        assert all(np.isfinite(r[name]) for r in rows), name
+    assert (tmp_path / "ppo" / "samples.jsonl").read_text().count("\n") == 12  # 4 samples at steps 10, 20 and 30
+
+
+def test_a_custom_reward_for_one_token_is_learned(world, tmp_path) -> None:
+    tok = world["tok"]
+    ppo_command(policy=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+                out=tmp_path / "ppo", batch_size=16, max_steps=15, max_new_tokens=10, lr=3e-3, warmup_steps=1,
+                minibatches=2, ppo_epochs=2, missing_end_penalty=0.0, device="cpu", seed=0)
+
+    def x_per_response(policy) -> float:
+        _, texts = sample(policy, tok)
+        return float(np.mean([t.count("x") for t in texts]))
+
+    before = x_per_response(load_model(world["sft"], kind="gpt"))
+    after = x_per_response(load_model(tmp_path / "ppo", kind="gpt"))
+    assert after > 3 * before + 0.5, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def test_resume_is_exact(world, tmp_path) -> None:
+    """3 steps, stop during step 4, resume, finish at 6 == 6 uninterrupted: policy, value, EMA weights and
+    optimizers, with the adaptive KL controller, PPO-ptx windows, sampling RNG and prompt order in play."""
+    import rewards_ppo_test as rewards
+
+    kwargs = dict(policy=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+                  batch_size=8, max_steps=6, max_new_tokens=8, lr=3e-3, warmup_steps=2, minibatches=2, ppo_epochs=2,
+                  kl_target=0.5, ema=0.5, ptx_coef=0.5, ptx_data=world["data"], checkpoint_interval=3,
+                  device="cpu", seed=5)
+    rewards.CALLS.update(n=0, crash_at=None)
+    ppo_command(out=tmp_path / "a", **kwargs)
+    rewards.CALLS.update(n=0, crash_at=4)
+    with pytest.raises(RuntimeError, match="simulated stop"):
+        ppo_command(out=tmp_path / "b", **kwargs)
+    rewards.CALLS.update(n=0, crash_at=None)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_0000003"]
+    ppo_command(out=tmp_path / "b", resume=True, **kwargs)
+
+    for name in ("policy", "value", "ema"):
+        a = load_tensors(tmp_path / "a" / "checkpoints" / "step_0000006" / name / "model.safetensors")
+        b = load_tensors(tmp_path / "b" / "checkpoints" / "step_0000006" / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("policy", "value"):
+        a = torch.load(tmp_path / "a" / "checkpoints" / "step_0000006" / "state" / f"optim_{name}.pt",
+                       weights_only=True)
+        b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006" / "state" / f"optim_{name}.pt",
+                       weights_only=True)
+        assert all(torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"]) for i in a["state"])
+
+    def rows(d):
+        out = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in out]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    betas = [r["objective/kl_coef"] for r in rows(tmp_path / "a")]
+    assert len(set(betas)) == 6  # the adaptive controller moved beta at every step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loud failures
+
+
+def test_bad_custom_rewards_fail_loudly_naming_the_function(world, tmp_path) -> None:
+    responses = ["a", "b"]
+    with pytest.raises(UserError, match=r"my\.mod:fn returned a non-finite reward \(nan\) for response 1"):
+        custom_scores(lambda p, r: [0.0, float("nan")], "my.mod:fn", ["p", "q"], responses)
+    with pytest.raises(UserError, match=r"my\.mod:fn returned None for response 0"):
+        custom_scores(lambda p, r: [None, 1.0], "my.mod:fn", ["p", "q"], responses)
+    with pytest.raises(UserError, match=r"my\.mod:fn returned 1 rewards for 2 responses"):
+        custom_scores(lambda p, r: [1.0], "my.mod:fn", ["p", "q"], responses)
+    with pytest.raises(UserError, match=r"my\.mod:fn must return a list of 2 numbers, got NoneType"):
+        custom_scores(lambda p, r: None, "my.mod:fn", ["p", "q"], responses)
+    torch.testing.assert_close(custom_scores(lambda p, r: np.array([1, 2]), "f", ["p", "q"], responses),
+                               torch.tensor([1.0, 2.0]))
+    with pytest.raises(UserError, match="module:function"):
+        load_reward_fn("no_colon")
+    with pytest.raises(UserError, match="cannot load reward function 'rewards_ppo_test:nope'"):
+        load_reward_fn("rewards_ppo_test:nope")
+
+    common = dict(policy=world["sft"], prompts=world["prompts"], batch_size=4, max_steps=1, max_new_tokens=4,
+                  minibatches=1, device="cpu")
+    for fn, message in (("nan_reward", "returned a non-finite reward"), ("missing_reward", "returned None"),
+                        ("short_reward", "returned 1 rewards for 4")):
+        with pytest.raises(UserError, match=f"rewards_ppo_test:{fn} {message}"):
+            ppo_command(reward_fn=f"rewards_ppo_test:{fn}", out=tmp_path / fn, **common)
+
+
+def test_bad_flags_are_clear_errors(world, tmp_path) -> None:
+    common = dict(policy=world["sft"], prompts=world["prompts"], out=tmp_path / "x", device="cpu")
+    with pytest.raises(UserError, match="exactly one of --reward"):
+        ppo_command(**common)
+    with pytest.raises(UserError, match="exactly one of --reward"):
+        ppo_command(reward=world["rm"], reward_fn="rewards_ppo_test:count_x", **common)
+    with pytest.raises(UserError, match="--ptx-coef needs --ptx-data"):
+        ppo_command(reward=world["rm"], ptx_coef=27.8, **common)
+    with pytest.raises(UserError, match="--ptx-data is used only by PPO-ptx"):
+        ppo_command(reward=world["rm"], ptx_data=world["data"], **common)
+    with pytest.raises(UserError, match="multiple of --minibatches"):
+        ppo_command(reward=world["rm"], batch_size=6, minibatches=4, **common)
+    with pytest.raises(UserError, match="--clip must be positive"):
+        ppo_command(reward=world["rm"], clip=0.0, **common)
+    with pytest.raises(UserError, match="PPO needs a decoder-only language model"):
+        ppo_command(**{**common, "policy": world["rm"]}, reward=world["rm"])
+    assert not (tmp_path / "x").exists()
