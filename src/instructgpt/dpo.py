@@ -19,7 +19,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from . import train
 from .chat import render_prompt, render_response
 from .checkpoint import load_model, read_config
 from .errors import UserError
-from .rm import ended_flags, read_rankings
+from .rm import ended_flags, read_rankings, split_comparisons
 from .sft import EpochSampler
 from .tokenizer import Tokenizer
 
@@ -148,13 +147,6 @@ def to_pairs(tok: Tokenizer, comps: list, max_length: int) -> list[dict]:
     return pairs
 
 
-def split_pairs(comps: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation) comparisons: held out by prompt, so no prompt's pairs sit on both sides."""
-    order = np.random.default_rng([seed, 17]).permutation(len(comps))
-    n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
-    return [comps[i] for i in order[n_val:]], [comps[i] for i in order[:n_val]]
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off in the policy: with it, log pi differs from log pi_ref at step 0 by noise alone."""
     for m in model.modules():
@@ -235,7 +227,8 @@ def dpo_command(
     if val_data:
         trn_c, val_c = comps, read_rankings(val_data, skip_invalid)
     else:
-        trn_c, val_c = split_pairs(comps, val_fraction, seed)
+        # held out by prompt (no prompt's pairs on both sides), the same prompts as `instructgpt rm` holds out
+        trn_c, val_c = split_comparisons(comps, val_fraction, seed)
     tcfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
                              warmup_steps=warmup_steps, max_steps=max_steps or 1, weight_decay=0.0, seed=seed,
                              device=device, dtype=dtype, compile=compile, log_interval=log_interval,
