@@ -44,6 +44,7 @@ from .data import read_prompts
 from .errors import UserError
 from .generate import SamplingParams, generate, left_pad
 from .model import GPT, ScalarModel, positions_from_mask
+from .rm import rewards_of
 from .sft import EpochSampler, PretrainWindows
 from .tokenizer import Tokenizer
 
@@ -268,7 +269,7 @@ def score_rollout(ro: Rollout, policy: GPT, ref: GPT, value_model: ScalarModel, 
         out["ref_logp"] = response_logprobs(ref, ids, mask, P, temperature)
         out["old_values"] = response_values(value_model, ids, mask, P)
         if reward_model is not None:
-            scores = reward_model.score(ids, mask).float()
+            scores = rewards_of(reward_model, ids, mask)  # (B,) at each row's last real token
             if not torch.isfinite(scores).all():
                 raise UserError("the reward model returned a non-finite score; check its checkpoint")
             out["scores"] = scores
