@@ -271,6 +271,22 @@ def test_empty_responses_get_the_reward_on_their_end_token(world) -> None:
     assert all(torch.isfinite(p).all() for p in [*policy.parameters(), *value.parameters()])
 
 
+def test_a_diverged_update_fails_loudly(world) -> None:
+    tok = world["tok"]
+    policy, ref, value, rm = policy_and_friends(world)
+    ro = rollout(policy, prompt_ids(tok, ["the cat", "a"]), SamplingParams(max_new_tokens=4), tok.eos_id, tok.pad_id,
+                 torch.Generator().manual_seed(0))
+    cfg = PPOConfig(minibatches=1)
+    exp = make_experience(ro, score_rollout(ro, policy, ref, value, rm, runtime()), cfg, cfg.beta)
+    exp["advantages"] = exp["advantages"] * float("nan")
+    opt_p = train.make_optimizer(policy, train.TrainConfig(), runtime())
+    opt_v = train.make_optimizer(value, train.TrainConfig(), runtime())
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(train.DivergedError, match="PPO loss is nan"):
+        ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # no step was taken
+
+
 # ----------------------------------------------------------------------------------------------------
 # Learning
 
@@ -389,6 +405,10 @@ def test_bad_custom_rewards_fail_loudly_naming_the_function(world, tmp_path) -> 
         load_reward_fn("no_colon")
     with pytest.raises(UserError, match="cannot load reward function 'rewards_ppo_test:nope'"):
         load_reward_fn("rewards_ppo_test:nope")
+    name, fn = load_reward_fn(f"{world['root'] / 'rewards_ppo_test.py'}:count_x")  # a file path works too
+    assert fn(["p"], ["xx", "a x"]) == [2, 1] and name.endswith("rewards_ppo_test.py:count_x")
+    with pytest.raises(UserError, match="no file"):
+        load_reward_fn("missing_file.py:count_x")
 
     common = dict(policy=world["sft"], prompts=world["prompts"], batch_size=4, max_steps=1, max_new_tokens=4,
                   minibatches=1, device="cpu")

@@ -24,9 +24,11 @@ policy/approxkl, policy/clipfrac, loss/policy, loss/value, val/clipfrac, ...), s
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -277,13 +279,24 @@ def score_rollout(ro: Rollout, policy: GPT, ref: GPT, value_model: ScalarModel, 
 
 
 def load_reward_fn(spec: str) -> tuple[str, RewardFn]:
-    """`module:function`: a custom reward taking (prompts, responses) as lists of strings and returning
-    one float per response. Returns (spec, function)."""
-    module, sep, name = spec.partition(":")
+    """`module:function` or `path/to/file.py:function`: a custom reward taking (prompts, responses) as lists
+    of strings and returning one float per response. Modules are also looked up in the current folder.
+    Returns (spec, function)."""
+    module, sep, name = spec.rpartition(":")
     if not sep or not module or not name:
-        raise UserError(f"--reward-fn must look like module:function, got {spec!r}")
+        raise UserError(f"--reward-fn must look like module:function or file.py:function, got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        if module.endswith(".py"):
+            if not Path(module).is_file():
+                raise ImportError(f"no file {module}")
+            loader_spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+            mod = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(mod)
+        else:
+            if str(Path.cwd()) not in sys.path and "" not in sys.path:
+                sys.path.append(str(Path.cwd()))
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot load reward function {spec!r}: {e}") from None
     if not callable(fn):
@@ -382,6 +395,9 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
                 ptx_loss = train.token_cross_entropy(logits, w["labels"]) / w["labels"].numel()
                 loss = loss + cfg.ptx_coef * ptx_loss
                 pstats["loss/ptx"] = float(ptx_loss.detach())
+            if not torch.isfinite(loss.detach()):
+                raise train.DivergedError(f"PPO loss is {float(loss)} (policy {float(pl)}, value {float(vl)}); "
+                                          "try a lower --lr or a higher --beta")
             opt_p.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
             loss.backward()
@@ -482,8 +498,8 @@ def ppo_command(
         prompts: prompt file (any format the readers accept).
         out: stage folder to write.
         reward: the reward-model checkpoint (frozen); also the value model's initialisation.
-        reward_fn: instead of a reward model, `module:function` mapping (prompts, responses), two lists of
-            strings (the last user message, the decoded response), to one float per response.
+        reward_fn: instead of a reward model, `module:function` or `file.py:function` mapping (prompts,
+            responses), two lists of strings (the last user message, the decoded response), to one float each.
         value_init: value-model initialisation (default: the reward model, as in the paper; with
             --reward-fn, the policy with a fresh scalar head).
         batch_size: prompts per rollout batch (one response each); a multiple of minibatches.
