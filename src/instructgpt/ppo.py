@@ -396,7 +396,8 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
                 loss = loss + cfg.ptx_coef * ptx_loss
                 pstats["loss/ptx"] = float(ptx_loss.detach())
             if not torch.isfinite(loss.detach()):
-                raise train.DivergedError(f"PPO loss is {float(loss)} (policy {float(pl)}, value {float(vl)}); "
+                raise train.DivergedError(f"PPO loss is {float(loss.detach())} (policy {float(pl.detach())}, "
+                                          f"value {float(vl.detach())}); "
                                           "try a lower --lr or a higher --beta")
             opt_p.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
