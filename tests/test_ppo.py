@@ -207,14 +207,15 @@ def test_reward_model_score_read_at_last_token_whatever_the_padding(world) -> No
 # The first minibatch, and the KL that is logged
 
 
-def test_first_minibatch_ratio_is_one_and_logged_kl_is_the_reward_kl(world) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_minibatch_ratio_is_one_and_logged_kl_is_the_reward_kl(world, temperature: float) -> None:
     tok = world["tok"]
     policy, ref, value, rm = policy_and_friends(world)
     texts = ["the cat sat", "a dog", "run by us", "big red mat", "saw", "on a mat", "and the", "red"]
-    ro = rollout(policy, prompt_ids(tok, texts), SamplingParams(max_new_tokens=12), tok.eos_id, tok.pad_id,
-                 torch.Generator().manual_seed(0))
-    cfg = PPOConfig(beta=0.05, ppo_epochs=2, minibatches=2)
-    scored = score_rollout(ro, policy, ref, value, rm, runtime())
+    ro = rollout(policy, prompt_ids(tok, texts), SamplingParams(max_new_tokens=12, temperature=temperature),
+                 tok.eos_id, tok.pad_id, torch.Generator().manual_seed(0))
+    cfg = PPOConfig(beta=0.05, ppo_epochs=2, minibatches=2, temperature=temperature)
+    scored = score_rollout(ro, policy, ref, value, rm, runtime(), temperature)
     exp = make_experience(ro, scored, cfg, cfg.beta)
     metrics = rollout_metrics(exp, ro.ended, cfg.beta)
 
@@ -231,7 +232,7 @@ def test_first_minibatch_ratio_is_one_and_logged_kl_is_the_reward_kl(world) -> N
     # old log-probabilities are the policy's own: a minibatch of the rollout gets ratio 1 before any step
     idx = torch.tensor([5, 1, 6, 2])
     with torch.no_grad():
-        logp = response_logprobs(policy, ro.ids[idx], ro.attention_mask[idx], ro.prompt_len)
+        logp = response_logprobs(policy, ro.ids[idx], ro.attention_mask[idx], ro.prompt_len, temperature)
     assert float(((logp - scored["old_logp"][idx]).abs() * mask[idx]).max()) < 1e-5
 
     opt_p = train.make_optimizer(policy, train.TrainConfig(weight_decay=0.0), runtime())

@@ -505,13 +505,29 @@ def ppo_command(
             --reward-fn, the policy with a fresh scalar head).
         batch_size: prompts per rollout batch (one response each); a multiple of minibatches.
         max_steps: rollout batches (each followed by ppo_epochs x minibatches optimizer steps).
-        beta: KL penalty coefficient; kl_target turns on the adaptive controller.
-        ppo_epochs: passes over each rollout batch; minibatches: optimizer steps per pass.
+        max_new_tokens: longest response; one cut off here gets missing_end_penalty.
+        temperature: sampling temperature of the rollouts (log-probabilities are taken at the same one).
+        lr: learning rate of the policy and the value model (constant after warm-up).
+        warmup_steps: rollout batches of linear learning-rate warm-up.
+        grad_clip: clip each model's gradient norm to this (0: off).
+        beta: KL penalty coefficient (the paper's 0.02); the starting value with kl_target.
+        kl_target: turns on the adaptive KL controller (Ziegler et al. 2019), which moves beta toward this KL.
+        ppo_epochs: passes over each rollout batch.
+        minibatches: optimizer steps per pass.
+        clip: policy ratio clip epsilon.
+        value_clip: value clip epsilon.
+        gamma: discount of GAE.
+        lam: lambda of GAE.
         ptx_coef: PPO-ptx pretraining-loss coefficient (the paper used 27.8); needs ptx_data.
         ptx_data: a folder written by `instructgpt prepare` (the pretraining distribution).
         missing_end_penalty: subtracted from the score of a response that hits max_new_tokens unfinished.
         ema: EMA decay of the policy weights; the exported policy is the EMA when > 0.
         sample_interval: append a few sample completions to OUT/samples.jsonl every this many steps (0: never).
+        checkpoint_interval: save a resumable checkpoint every this many steps (and at the end).
+        log_interval: write a metrics row every this many steps.
+        seed: seeds sampling, prompt order, minibatch order and pretraining windows.
+        device: auto, cpu, cuda, cuda:N.
+        dtype: auto, float32 or bfloat16 (autocast; log-probabilities in fp32).
         resume: continue from the latest checkpoint in OUT.
     """
     t0 = time.time()
