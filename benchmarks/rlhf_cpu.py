@@ -17,7 +17,7 @@ Rates exclude 2 warm-up steps. One JSON line per stage with the rate, TRL's rate
 the seconds per step spent generating, scoring and updating.
 
     python benchmarks/rlhf_cpu.py                         # all stages
-    python benchmarks/rlhf_cpu.py --stages ppo --ppo-minibatches 1 4
+    python benchmarks/rlhf_cpu.py --stages ppo --ppo-minibatches 1 4   # also 4 minibatches (our default)
 
 On a machine shared with other busy processes, 2 OpenMP threads that spin-wait at every barrier can make
 small kernels 100x slower; `OMP_WAIT_POLICY=passive python benchmarks/rlhf_cpu.py` keeps the figures
@@ -210,8 +210,9 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["sft", "rm", "dpo", "ppo"], choices=["sft", "rm", "dpo", "ppo"])
     ap.add_argument("--steps", type=int, default=20, help="timed steps of sft, rm and dpo")
     ap.add_argument("--ppo-steps", type=int, default=8, help="timed PPO steps (rollout batch + 4 epochs each)")
-    ap.add_argument("--ppo-minibatches", type=int, nargs="+", default=[1, 4],
-                    help="PPO minibatches per epoch (1: one update of all 16 rollouts per epoch, as TRL's default)")
+    ap.add_argument("--ppo-minibatches", type=int, nargs="+", default=[1],
+                    help="PPO minibatches per epoch (1: one update of all 16 rollouts per epoch, TRL's default "
+                         "num_mini_batches; several values give one line each)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     rt = runtime(args.threads)

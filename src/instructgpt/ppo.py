@@ -331,7 +331,8 @@ def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig
     """3-4. From the scored rollout to what the update needs: the penalised scores (B,), per-token rewards
     and KL (B, R), whitened advantages and returns (B, R). The KL here is the one that is logged."""
     mask = ro.response_mask.float()
-    # A response that never produced the end token loses missing_end_penalty (paper: ending cleanly matters).
+    # A response cut off at max_new_tokens loses missing_end_penalty (TRL's missing_eos_penalty), so that
+    # rambling on is never a way around a reward model that dislikes how an answer ends.
     scores = scored["scores"] - cfg.missing_end_penalty * (~ro.ended).float()
     rewards, kl = compute_rewards(scores, scored["old_logp"], scored["ref_logp"], mask, beta)
     adv, returns = compute_advantages(scored["old_values"], rewards, mask, cfg.gamma, cfg.lam)
@@ -581,7 +582,10 @@ def ppo_command(
                             f"tokenizer has {tok.vocab_size}: prepare it with the policy's tokenizer")
 
     # Prompts, and every generator whose state a resumed run must find again.
-    items, prompt_ids = encode_prompts(tok, list(read_prompts(prompts)), pol.config.block_size, max_new_tokens)
+    raw_prompts = list(read_prompts(prompts))
+    if not raw_prompts:
+        raise UserError(f"{prompts}: no prompts")
+    items, prompt_ids = encode_prompts(tok, raw_prompts, pol.config.block_size, max_new_tokens)
     sampler = EpochSampler(len(items), seed)
     rng = np.random.default_rng([seed, 3])  # minibatch order
     generator = torch.Generator(device=dev).manual_seed(seed)  # sampling
