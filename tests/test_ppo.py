@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from instructgpt import train
+from instructgpt.chat import render_prompt
 from instructgpt.checkpoint import load_model, load_tensors, save_model
 from instructgpt.errors import UserError
 from instructgpt.generate import SamplingParams
@@ -101,8 +102,6 @@ def runtime() -> train.Runtime:
 
 
 def prompt_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    from instructgpt.chat import render_prompt
-
     return [render_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
 
 
