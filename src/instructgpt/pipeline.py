@@ -173,10 +173,10 @@ def pipeline_command(
         **common))
     stage("eval", run / "eval" / "results.json", lambda: eval_command(
         run=run, world=world, **p["eval"], **common))
-    stage("report", run / "report.html", lambda: report_command(run=run))
     results_path = run / "eval" / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
         results |= {"preset": preset, "seed": seed, "stage_seconds": manifest["stage_seconds"]}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
+    stage("report", run / "report.html", lambda: report_command(run=run))
     print(f"[pipeline] finished: report at {run / 'report.html'} (and {run / 'report.md'})")
