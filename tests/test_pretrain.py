@@ -190,3 +190,52 @@ def test_val_loss_falls_on_tinyshakespeare(shared_data: Path, tmp_path: Path) ->
     assert val[0] > math.log(len(chars)) - 0.3  # an untrained model guesses uniformly
     assert val[2] < val[1] < val[0] and val[2] < 2.8, val
     assert (out / "samples.txt").read_text().startswith("--- sample 0")  # no tokenizer: ids
+
+
+def test_prefix_lm_batch_cuts_windows_into_prefix_and_continuation() -> None:
+    from instructgpt.pretrain import prefix_lm_batch
+
+    T = 4
+    windows = np.arange(3 * 2 * T, dtype=np.int64).reshape(3, 2 * T) + 10  # (B, 2T), every token distinct
+    splits = np.array([1, 3, 4])
+    b = prefix_lm_batch(windows, splits, start_id=1, pad_id=0)
+    for i, s in enumerate(splits):
+        w = windows[i].tolist()
+        assert b["src"][i].tolist() == w[:s] + [0] * (T - s)  # the prefix, right-padded
+        assert b["src_mask"][i].tolist() == [1] * s + [0] * (T - s)
+        assert b["labels"][i].tolist() == w[s:s + T]  # the next T tokens
+        assert b["tgt"][i].tolist() == [1] + w[s:s + T - 1]  # teacher forcing from the start token
+
+
+def test_seq2seq_pretraining_learns_and_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    data = write_data(tmp_path / "data")
+    args = dict(SMALL, arch="seq2seq", max_steps=30, checkpoint_interval=15, eval_interval=15, samples=1)
+    pretrain_command(data, tmp_path / "full", **args)
+    val = [r[2] for r in losses(tmp_path / "full") if r[2] is not None]
+    assert len(val) == 3 and val[2] < val[1] < val[0], val
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["kind"] == "seq2seq" and config["objective"] == "prefix_lm"
+    assert config["model"]["n_encoder_layer"] == 0  # as many encoder blocks as decoder blocks
+
+    real_save = pretrain_module.Checkpointer.save
+
+    def save_then_stop(self, step, *a, **k):
+        path = real_save(self, step, *a, **k)
+        if step == 15:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(pretrain_module.Checkpointer, "save", save_then_stop)
+    with pytest.raises(Stop):
+        pretrain_command(data, tmp_path / "split", **args)
+    monkeypatch.undo()
+    pretrain_command(data, tmp_path / "split", resume=True, **args)
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+
+    with pytest.raises(UserError, match="--n-encoder-layer is for --arch seq2seq"):
+        pretrain_command(data, tmp_path / "o", **{**SMALL, "n_encoder_layer": 2})
+    short = write_data(tmp_path / "short", train_tokens=30, val_tokens=5)
+    with pytest.raises(UserError, match=r"2 x block_size \(prefix \+ continuation\) = 32"):
+        pretrain_command(short, tmp_path / "o", **args)
+    assert not (tmp_path / "o").exists()

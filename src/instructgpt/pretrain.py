@@ -12,6 +12,14 @@ Reads top to bottom: check the inputs, set up, (resume,) train, export.
 Batches are random windows of block_size + 1 tokens from the train shards, drawn by a seeded numpy
 Generator whose state is checkpointed, so a resumed run sees exactly the batches an uninterrupted run
 would have seen. Validation uses the same fixed windows at every evaluation.
+
+The encoder-decoder (`--arch seq2seq`) is pretrained as a prefix language model (the denoising objective
+of T5's "prefix LM" variant, Raffel et al. 2020, section 3.3): a window of 2T tokens is cut at a random
+point s in [1, T]; the encoder reads the prefix w[:s] (right-padded to T, padding masked), the decoder
+starts from <|bos|> and predicts the next T tokens w[s:s+T]. This is the shape of SFT for this model
+(prompt in the encoder, reply in the decoder after <|bos|>), and of generation (the engine starts the
+decoder at <|bos|>). Every decoder position is a target, so a step trains on batch_size x T tokens as the
+decoder-only model does.
 """
 
 from __future__ import annotations
@@ -20,16 +28,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import load_model
 from .errors import UserError
-from .model import GPT, PRESETS, ModelConfig
+from .model import PRESETS, ModelConfig, build_model
 from .train import (
     Checkpointer,
     MetricsLog,
@@ -41,6 +51,7 @@ from .train import (
     make_optimizer,
     mfu,
     prepare_model,
+    rank_rows,
     setup,
     token_cross_entropy,
     train_step,
@@ -102,22 +113,80 @@ def n_targets(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     return batch[1].numel()
 
 
+def prefix_lm_batch(windows: np.ndarray, splits: np.ndarray, start_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Windows (B, 2T) cut at splits (B,) in [1, T] -> the encoder's src and src_mask (B, T): w[:s], right
+    padded; the decoder's tgt (B, T): start_id then w[s:s+T-1]; labels (B, T): w[s:s+T]."""
+    B, W = windows.shape
+    T = W // 2
+    cols = np.arange(T)
+    src_mask = cols[None, :] < splits[:, None]  # (B, T)
+    src = np.where(src_mask, windows[:, :T], pad_id)
+    labels = windows[np.arange(B)[:, None], splits[:, None] + cols[None, :]]  # (B, T) = w[s:s+T]
+    tgt = np.concatenate([np.full((B, 1), start_id, dtype=np.int64), labels[:, :-1]], axis=1)
+    return {"src": torch.from_numpy(src), "src_mask": torch.from_numpy(src_mask.astype(np.int64)),
+            "tgt": torch.from_numpy(tgt), "labels": torch.from_numpy(np.ascontiguousarray(labels))}
+
+
+def seq2seq_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(batch["src"], batch["tgt"], src_mask=batch["src_mask"])  # (B, T, V)
+    return token_cross_entropy(logits, batch["labels"])
+
+
+def seq2seq_n_targets(batch: dict[str, torch.Tensor]) -> int:
+    return batch["labels"].numel()
+
+
+@dataclass
+class Objective:
+    """What one training example is: windows of `window` tokens, turned into a batch with `draw`, scored
+    with `loss_sum` over `n_targets` tokens. Next-token prediction for the GPT, prefix LM for seq2seq."""
+
+    window: int  # tokens per sampled window
+    draw: Callable[[np.ndarray, np.random.Generator, Runtime], Any]  # windows (B, window) -> batch on the device
+    loss_sum: Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> summed per-token loss
+    n_targets: Callable[[Any], int]  # batch -> number of target tokens
+
+
+def make_objective(arch: str, T: int, start_id: int, pad_id: int) -> Objective:
+    if arch == "gpt":
+        return Objective(T + 1, lambda w, rng, runtime: to_batch(w, runtime), lm_loss_sum, n_targets)
+
+    def draw(windows: np.ndarray, rng: np.random.Generator, runtime: Runtime) -> dict[str, torch.Tensor]:
+        splits = rng.integers(1, T + 1, size=len(windows))  # drawn after the windows: part of the data stream
+        batch = prefix_lm_batch(windows, splits, start_id, pad_id)
+        return {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+
+    return Objective(2 * T, draw, seq2seq_loss_sum, seq2seq_n_targets)
+
+
+def sample_batch(objective: Objective, sampler: WindowSampler, rng: np.random.Generator, B: int,
+                 runtime: Runtime):
+    """This rank's B rows of a global batch of B x world_size: every rank draws the whole global batch
+    from the same generator and keeps its slice, so N ranks see what one process with batch N x B sees."""
+    return rank_rows(objective.draw(sampler.sample(rng, B * runtime.world_size), rng, runtime), runtime)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, sampler: WindowSampler, iters: int, batch_size: int, seed: int,
-             runtime: Runtime) -> float:
+             runtime: Runtime, objective: Objective | None = None) -> float:
     """Mean per-token loss over `iters` batches; the same windows every time (a fixed seed), and no
     global generator is touched, so evaluating does not change the training run."""
+    objective = objective or make_objective("gpt", sampler.window - 1, 0, 0)
     rng = np.random.default_rng([seed, 1])
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=runtime.device)
     count = 0
     for _ in range(iters):
-        batch = to_batch(sampler.sample(rng, batch_size), runtime)
+        batch = sample_batch(objective, sampler, rng, batch_size, runtime)
         with runtime.autocast():
-            total += lm_loss_sum(model, batch).float()
-        count += n_targets(batch)
+            total += objective.loss_sum(model, batch).float()
+        count += objective.n_targets(batch)
     model.train(was_training)
+    if runtime.distributed:  # each rank scored its share of every batch
+        both = torch.stack([total.double(), torch.tensor(count, dtype=torch.float64, device=runtime.device)])
+        torch.distributed.all_reduce(both)
+        return float(both[0] / both[1])
     return float(total) / count
 
 
@@ -147,7 +216,7 @@ def read_meta(data: Path) -> dict:
 
 
 def model_config(preset: str | None, vocab_size: int, n_layer, n_head, n_embd, block_size, dropout: float,
-                 family: str) -> tuple[ModelConfig, int]:
+                 family: str, arch: str = "gpt", n_encoder_layer: int | None = None) -> tuple[ModelConfig, int]:
     """The model to train and the training window. A preset fixes the model's context; --block-size may
     only shorten the window within it."""
     if preset is not None and preset not in PRESETS:
@@ -166,6 +235,8 @@ def model_config(preset: str | None, vocab_size: int, n_layer, n_head, n_embd, b
         raise UserError(f"--block-size {window} is beyond the model's context of {context} tokens "
                         f"(preset {preset!r})")
     make = ModelConfig.llama if family == "llama" else ModelConfig.gpt2
+    if arch == "seq2seq":
+        shape |= dict(arch="seq2seq", n_encoder_layer=n_encoder_layer or 0)
     try:
         cfg = make(vocab_size=vocab_size, dropout=dropout, **shape)
     except ValueError as e:
@@ -186,12 +257,24 @@ def check_out(out: Path, resume: bool) -> None:
                         "or choose another --out")
 
 
+def special_ids(data: Path, meta: dict) -> tuple[int, int]:
+    """(decoder start, padding) ids: the tokenizer's <|bos|> and <|pad|> when the folder has one, else
+    the end-of-document id and 0 (only the encoder-decoder uses them; padding is always masked)."""
+    if (data / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        tok = Tokenizer.load(data / "tokenizer.json")
+        return tok.bos_id, tok.pad_id
+    return int(meta.get("eos_id", 0)), 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Samples
 
 
-def write_samples(model: GPT, data: Path, out: Path, n: int, seed: int) -> None:
-    """n generations from the start of a document: the first greedy, the others sampled (T = 0.8)."""
+def write_samples(model: nn.Module, data: Path, out: Path, n: int, seed: int) -> None:
+    """n generations from the start of a document: the first greedy, the others sampled (T = 0.8). The
+    encoder-decoder reads the document start in its encoder and starts its decoder at <|bos|>."""
     from .generate import SamplingParams, generate
 
     tokenizer = None
@@ -202,12 +285,13 @@ def write_samples(model: GPT, data: Path, out: Path, n: int, seed: int) -> None:
     meta = json.loads((data / "meta.json").read_text())
     eos = int(meta.get("eos_id", 0))
     pad = tokenizer.pad_id if tokenizer is not None else eos
+    start = tokenizer.bos_id if tokenizer is not None else eos
     max_new = min(200, model.config.block_size - 1)
     parts = []
     for i in range(n):
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0 if i == 0 else 0.8, top_k=200,
                                 seed=seed + i)
-        ids = generate(model, [[eos]], params, eos_id=eos, pad_id=pad).token_lists()[0]
+        ids = generate(model, [[eos]], params, eos_id=eos, pad_id=pad, start_id=start).token_lists()[0]
         text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
         parts.append(f"--- sample {i} ({'greedy' if i == 0 else 'temperature 0.8'}) ---\n{text}\n")
     (out / "samples.txt").write_text("\n".join(parts))
@@ -238,7 +322,8 @@ def pretrain_command(
     block_size: int | None = None,
     dropout: float = 0.0,
     family: Literal["gpt2", "llama"] = "gpt2",
-    arch: Literal["gpt"] = "gpt",
+    arch: Literal["gpt", "seq2seq"] = "gpt",
+    n_encoder_layer: int | None = None,
     batch_size: int = 16,
     grad_accum: int = 1,
     lr: float = 1e-3,
@@ -257,6 +342,7 @@ def pretrain_command(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool | None = None,
+    fsdp: bool = False,
     resume: bool = False,
     samples: int = 3,
 ) -> None:
@@ -276,7 +362,10 @@ def pretrain_command(
         block_size: tokens per training window; without a preset also the model's context (default 256).
         dropout: residual and embedding dropout.
         family: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU).
-        arch: decoder-only ("gpt") is the only pretraining architecture.
+        arch: "gpt" (decoder-only, next-token prediction) or "seq2seq" (encoder-decoder, prefix LM: the
+            encoder reads a random-length prefix of a 2 x block_size window, the decoder predicts the next
+            block_size tokens).
+        n_encoder_layer: seq2seq only: encoder blocks (default: as many as the decoder's n_layer).
         batch_size: sequences per micro-batch (per rank).
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate.
@@ -295,6 +384,8 @@ def pretrain_command(
         device: auto, cpu, cuda or cuda:N.
         dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16.
         compile: torch.compile the model (default: on for CUDA, off on CPU).
+        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
+            of replicating them (DDP); for models that do not fit one GPU.
         resume: continue the run in OUT from its latest checkpoint.
         samples: generations written to OUT/samples.txt at the end (0 for none).
     """
@@ -302,8 +393,10 @@ def pretrain_command(
     clock = _Clock(0.0, time.perf_counter())
 
     # 1. check everything a user can get wrong before training starts
-    if arch != "gpt":
-        raise UserError(f"--arch {arch!r}: pretraining supports only the decoder-only 'gpt'")
+    if arch not in ("gpt", "seq2seq"):
+        raise UserError(f"--arch {arch!r}: choose 'gpt' (decoder-only) or 'seq2seq' (encoder-decoder)")
+    if n_encoder_layer is not None and (arch != "seq2seq" or n_encoder_layer < 1):
+        raise UserError("--n-encoder-layer is for --arch seq2seq and must be at least 1")
     if eval_iters < 1:
         raise UserError(f"--eval-iters must be at least 1, got {eval_iters}")
     if samples < 0:
@@ -312,20 +405,23 @@ def pretrain_command(
                       warmup_steps=warmup_steps, max_steps=max_steps, weight_decay=weight_decay, beta2=beta2,
                       grad_clip=grad_clip, seed=seed, device=device, dtype=dtype, compile=compile,
                       eval_interval=eval_interval, log_interval=log_interval,
-                      checkpoint_interval=checkpoint_interval, keep_last=keep_last)
+                      checkpoint_interval=checkpoint_interval, keep_last=keep_last, fsdp=fsdp)
     cfg.validate()
     read_meta(data)
     from .prepare import load_shards
 
     meta, train_shards, val_shards = load_shards(data)
     model_cfg, T = model_config(preset, int(meta["vocab_size"]), n_layer, n_head, n_embd, block_size, dropout,
-                                family)
-    train_data = WindowSampler(train_shards, T + 1)
+                                family, arch, n_encoder_layer)
+    start_id, pad_id = special_ids(data, meta)
+    objective = make_objective(arch, T, start_id, pad_id)
+    train_data = WindowSampler(train_shards, objective.window)
     if train_data.n_windows == 0:
         longest = max((len(s) for s in train_shards), default=0)
+        what = "block_size + 1" if arch == "gpt" else "2 x block_size (prefix + continuation)"
         raise UserError(f"{data}: the longest train shard holds {longest} tokens, fewer than one window of "
-                        f"block_size + 1 = {T + 1}; lower --block-size or prepare more data")
-    val_data = WindowSampler(val_shards, T + 1)
+                        f"{what} = {objective.window}; lower --block-size or prepare more data")
+    val_data = WindowSampler(val_shards, objective.window)
     check_out(out, resume)
 
     # 2. set up: runtime, model, optimizer, and the state of a resumed run
@@ -336,13 +432,15 @@ def pretrain_command(
             print(message, flush=True)
 
     if val_data.n_windows == 0:
-        say(f"warning: {data} has no validation window of {T + 1} tokens: no val loss will be reported")
-    raw = GPT(model_cfg).to(runtime.device)
+        say(f"warning: {data} has no validation window of {objective.window} tokens: no val loss will be "
+            "reported")
+    raw = build_model(model_cfg).to(runtime.device)
+    model = prepare_model(raw, runtime)  # DDP or FSDP; `raw` (sharded in place under FSDP) for checkpoints
     optimizer = make_optimizer(raw, cfg, runtime)
     ckpt = Checkpointer(out, keep_last=cfg.keep_last)
     run_config = {"stage": "pretrain", "data": str(data), "train": config_dict(cfg), "block_size": T,
-                  "eval_iters": eval_iters}
-    data_rng = np.random.default_rng([seed, runtime.rank])
+                  "eval_iters": eval_iters, "objective": "next_token" if arch == "gpt" else "prefix_lm"}
+    data_rng = np.random.default_rng([seed, 0])  # the same on every rank: each keeps its slice of a batch
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "train_loss": None, "val_loss": None}
     latest = ckpt.latest() if resume else None
     if latest is not None:
@@ -362,11 +460,11 @@ def pretrain_command(
         say(f"--resume: no checkpoint in {out}, starting from scratch")
     (out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
     out.mkdir(parents=True, exist_ok=True)
-    model = prepare_model(raw, runtime)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state["step"], enabled=runtime.is_main)
     flops_per_token = training_flops_per_token(raw, T)
-    say(f"pretraining a {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M-parameter model on {data} "
-        f"({train_data.n_windows:,} train windows of {T} tokens) for {cfg.max_steps} steps on {runtime.device}")
+    say(f"pretraining a {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M-parameter {arch} model on {data} "
+        f"({train_data.n_windows:,} train windows of {objective.window} tokens) for {cfg.max_steps} steps on "
+        f"{runtime.device}")
 
     def save(step: int) -> None:
         ckpt.save(step, {"model": raw}, {"model": optimizer},
@@ -375,15 +473,17 @@ def pretrain_command(
 
     # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
     if state["step"] == 0 and val_data.n_windows:
-        state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime)
+        state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime, objective)
         metrics.log(0, val_loss=state["val_loss"])
     timer, tokens_since = Timer(runtime.device), 0
     with Progress(cfg.max_steps, "pretrain", start=state["step"], enabled=runtime.is_main) as bar:
         for step in range(state["step"], cfg.max_steps):
-            micro = [to_batch(train_data.sample(data_rng, cfg.batch_size), runtime) for _ in range(cfg.grad_accum)]
+            micro = [sample_batch(objective, train_data, data_rng, cfg.batch_size, runtime)
+                     for _ in range(cfg.grad_accum)]
             done = step + 1
             log_now = done % cfg.log_interval == 0 or done == cfg.max_steps
-            stats = train_step(model, optimizer, micro, lm_loss_sum, n_targets, cfg, runtime, step, sync=log_now)
+            stats = train_step(model, optimizer, micro, objective.loss_sum, objective.n_targets, cfg, runtime, step,
+                               sync=log_now)
             state["tokens"] += stats["tokens"]
             tokens_since += stats["tokens"]
             record = {}
@@ -399,7 +499,7 @@ def pretrain_command(
                     record["mfu"] = round(util, 4)
                 bar.update(done, stats["loss"], tok_s)
             if val_data.n_windows and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
-                state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime)
+                state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime, objective)
                 record["val_loss"] = state["val_loss"]
                 bar.print(f"step {done}: train loss {state['train_loss']:.4f}, val loss {state['val_loss']:.4f}")
                 timer.lap()  # evaluation time is not training throughput
@@ -410,12 +510,13 @@ def pretrain_command(
                 timer.lap()
 
     # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
-    ckpt.export(raw, extra={"stage": "pretrain"})
+    ckpt.export(raw, extra={"stage": "pretrain", "objective": run_config["objective"]})
     if runtime.is_main:
         if (data / "tokenizer.json").is_file():
             shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
         if samples:
-            write_samples(raw, data, out, samples, seed)
+            # a sharded model generates only with every rank: rank 0 reads back the exported one
+            write_samples(load_model(out, device=runtime.device) if runtime.fsdp else raw, data, out, samples, seed)
         done_info = {"stage": "pretrain", "step": cfg.max_steps, "val_loss": state["val_loss"],
                      "train_loss": state["train_loss"], "tokens": state["tokens"],
                      "seconds": round(clock.total(), 2)}
