@@ -180,6 +180,7 @@ def dpo_command(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool | None = None,
+    fsdp: bool = False,
     resume: bool = False,
     skip_invalid: bool = False,
 ) -> dict:
@@ -201,6 +202,8 @@ def dpo_command(
         eval_interval: held-out metrics every this many steps (default: 5 times per run, and at the end).
         checkpoint_interval: resumable checkpoint every this many steps (and at the end).
         keep_last: step checkpoints to keep.
+        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
+            of replicating them (DDP).
         resume: continue the run in OUT from its latest checkpoint.
         skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
     """
@@ -232,7 +235,7 @@ def dpo_command(
     tcfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
                              warmup_steps=warmup_steps, max_steps=max_steps or 1, weight_decay=0.0, seed=seed,
                              device=device, dtype=dtype, compile=compile, log_interval=log_interval,
-                             checkpoint_interval=checkpoint_interval, keep_last=keep_last)
+                             checkpoint_interval=checkpoint_interval, keep_last=keep_last, fsdp=fsdp)
     runtime = train.setup(tcfg)
     dev = runtime.device
     model = load_model(init, kind="gpt", device=dev)
@@ -243,18 +246,21 @@ def dpo_command(
 
     # 2. the reference's log-probabilities, once for the whole run; then the reference is freed
     ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
+    if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
+        train.shard_model(ref, runtime)
     with runtime.autocast():
         reference_logprobs(ref, trn, tok.pad_id, dev)
         reference_logprobs(ref, val, tok.pad_id, dev)
     del ref
 
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
+    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
+    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
     tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     every = eval_interval or max(1, total_steps // 5)
     if not dropout:
         disable_dropout(model)
+    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
-    fwd = train.prepare_model(model, runtime)
     sampler = EpochSampler(len(trn), seed)
     ckpt = train.Checkpointer(out, keep_last=keep_last)
     if ckpt.latest() is not None and not resume:
@@ -284,12 +290,14 @@ def dpo_command(
     progress = train.Progress(total_steps, "dpo", start=step)
     model.train()
     while step < total_steps:
-        micro = [pair_batch(trn, sampler.take(batch_size), tok.pad_id, dev) for _ in range(grad_accum)]
+        micro = [pair_batch(trn, train.rank_rows(sampler.take(batch_size * runtime.world_size), runtime), tok.pad_id,
+                            dev) for _ in range(grad_accum)]
         seen.clear()
         stats = train.train_step(fwd, optimizer, micro, loss_sum, lambda b: b["ref"].size(0), tcfg, runtime, step)
         step += 1
         n_pairs = stats["tokens"]
-        row = {"step": step, "loss": stats["loss"], **{k: v / n_pairs for k, v in seen.items() if k != "loss"},
+        sums = train.all_reduce_sums(seen, runtime)
+        row = {"step": step, "loss": stats["loss"], **{k: v / n_pairs for k, v in sums.items() if k != "loss"},
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "pairs": n_pairs}
         if val and (step % every == 0 or step == total_steps):
             ev = evaluate(model, val, tok.pad_id, beta, dev)

@@ -265,6 +265,7 @@ def rm_command(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool | None = None,
+    fsdp: bool = False,
     resume: bool = False,
     skip_invalid: bool = False,
 ) -> dict:
@@ -289,6 +290,8 @@ def rm_command(
         eval_interval: held-out accuracy every this many steps (default: 5 times per run, and at the end).
         checkpoint_interval: resumable checkpoint every this many steps (and at the end).
         keep_last: step checkpoints to keep.
+        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
+            of replicating them (DDP).
         resume: continue the run in OUT from its latest checkpoint.
         skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
     """
@@ -330,20 +333,21 @@ def rm_command(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
         max_steps=max_steps or 1, weight_decay=weight_decay, seed=seed, device=device, dtype=dtype,
         compile=compile, log_interval=log_interval, checkpoint_interval=checkpoint_interval, keep_last=keep_last,
+        fsdp=fsdp,
     )
     runtime = train.setup(tcfg)
     model = load_model(init, kind="scalar")
     L = min(max_length or model.config.block_size, model.config.block_size)
     trn = encode_comparisons(tok, trn_c, L)
     val = encode_comparisons(tok, val_c, L)
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
+    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
+    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
     tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     every = eval_interval or max(1, total_steps // 5)
 
     # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
-    model.to(runtime.device)
+    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
-    fwd = train.prepare_model(model, runtime)
     sampler = EpochSampler(len(trn), seed)
     ckpt = train.Checkpointer(out, keep_last=keep_last)
     if ckpt.latest() is not None and not resume:
@@ -370,12 +374,14 @@ def rm_command(
     progress = train.Progress(total_steps, "reward model", start=step)
     model.train()
     while step < total_steps:
-        micro = [make_batch([trn[i] for i in sampler.take(batch_size)], tok.pad_id) for _ in range(grad_accum)]
+        micro = [make_batch([trn[i] for i in train.rank_rows(sampler.take(batch_size * runtime.world_size), runtime)],
+                            tok.pad_id) for _ in range(grad_accum)]
         micro = [{k: v.to(runtime.device) for k, v in b.items()} for b in micro]
         seen.clear()
         stats = train.train_step(fwd, optimizer, micro, loss_sum, n_prompts, tcfg, runtime, step)
         step += 1
-        row = {"step": step, "loss": stats["loss"], "accuracy": seen["correct"] / seen["pairs"],
+        sums = train.all_reduce_sums(seen, runtime)
+        row = {"step": step, "loss": stats["loss"], "accuracy": sums["correct"] / sums["pairs"],
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "prompts": stats["tokens"]}
         if val and (step % every == 0 or step == total_steps):
             acc = pairwise_accuracy(model, tok, val)

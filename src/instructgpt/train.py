@@ -21,6 +21,7 @@ everything but the weights is loaded with `torch.load(weights_only=True)` or JSO
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -69,6 +70,7 @@ class TrainConfig:
     log_interval: int = 10  # log metrics (and sync the device for the loss) every this many steps
     checkpoint_interval: int = 500  # save a resumable checkpoint every this many steps (and at the end)
     keep_last: int = 2  # keep this many step checkpoints; older ones are deleted (0 keeps all)
+    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over ranks (FSDP2), not DDP
 
     @property
     def final_lr(self) -> float:
@@ -110,6 +112,7 @@ class Runtime:
     is_main: bool = True  # rank 0: the one that writes files and prints
     local_rank: int = 0  # this process among those of its machine (torchrun's LOCAL_RANK)
     compile: bool = False  # whether stages should torch.compile their models
+    fsdp: bool = False  # models are sharded with FSDP2 (fully_shard) instead of wrapped in DDP
     threads: int = field(default_factory=torch.get_num_threads)  # CPU threads of torch's intra-op pool
 
     @property
@@ -163,7 +166,9 @@ def setup(cfg: TrainConfig) -> Runtime:
 
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        atexit.register(_leave_process_group)
 
     dtype_name = cfg.dtype
     if dtype_name == "auto":
@@ -184,21 +189,93 @@ def setup(cfg: TrainConfig) -> Runtime:
     seed_everything(cfg.seed)
     compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
     return Runtime(device=device, dtype=dtype, autocast=autocast, rank=rank, world_size=world_size,
-                   is_main=rank == 0, local_rank=local_rank, compile=compile_, threads=threads)
+                   is_main=rank == 0, local_rank=local_rank, compile=compile_, threads=threads,
+                   fsdp=cfg.fsdp and world_size > 1)
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """The module to call in the loop: compiled when runtime.compile, wrapped in DDP when distributed.
-    Build the optimizer from the plain model; checkpoints unwrap both wrappers (canonical keys)."""
+    """The module to call in the loop: sharded in place with FSDP2 (runtime.fsdp), compiled when
+    runtime.compile, wrapped in DDP when distributed without FSDP. Keep the plain `model` for the
+    optimizer and the checkpoints (they unwrap the wrappers: canonical keys), and build the optimizer
+    AFTER this call: sharding replaces the parameters."""
     model = model.to(runtime.device)
+    if runtime.fsdp:
+        shard_model(model, runtime)
     if runtime.compile:
         model = torch.compile(model)
-    if runtime.distributed:
+    if runtime.distributed and not runtime.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     return model
+
+
+def shard_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """FSDP2 in place: each Transformer block is one shard group (its weights are gathered just before it
+    runs and freed after), then the root (embeddings, final norm, heads). Every parameter becomes a
+    DTensor sharded on dim 0 over all ranks; the module keeps its class (an FSDP subclass of it). A frozen
+    model (a reference) can be sharded too: its forward is then a collective that every rank must call."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    for module in model.modules():
+        if type(module).__name__ == "Block":
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in checkpoint.unwrap(model).parameters())
+
+
+def rank_rows(batch: Any, runtime: Runtime) -> Any:
+    """This rank's share of a global batch: rows [rank * n, (rank + 1) * n) with n = rows / world_size,
+    of a list, a tensor, or a tuple or dict of tensors (all with the same number of rows). Every rank draws
+    the same global batch from the same generator and keeps its slice, so N processes with batch B train
+    on exactly what one process with batch N x B does."""
+    if runtime.world_size == 1:
+        return batch
+    if isinstance(batch, dict):
+        return {k: rank_rows(v, runtime) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(rank_rows(v, runtime) for v in batch)
+    n = len(batch) // runtime.world_size
+    if n * runtime.world_size != len(batch):
+        raise ValueError(f"a global batch of {len(batch)} rows does not split over {runtime.world_size} ranks")
+    return batch[runtime.rank * n:(runtime.rank + 1) * n]
+
+
+def all_ranks_finished(runtime: Runtime) -> Callable[[Tensor], bool] | None:
+    """For `generate(..., all_finished=...)` under torchrun: generation stops when every row of every rank
+    has ended (invariant 12), so sharded (FSDP) forwards stay collective and no rank waits on another."""
+    if not runtime.distributed:
+        return None
+
+    def finished_everywhere(finished: Tensor) -> bool:
+        flag = finished.all().to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
+
+    return finished_everywhere
+
+
+def all_reduce_sums(sums: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """Per-rank sums (of metrics) added over all ranks, in one all-reduce; unchanged in one process."""
+    if not runtime.distributed or not sums:
+        return dict(sums)
+    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=runtime.device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(sums, t.tolist()))
 
 
 def maybe_compile(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
@@ -214,6 +291,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> torc
     """AdamW with weight decay on matrices only: norms, biases (1-D) and embedding tables are not decayed.
     A tied parameter (embedding = unembedding) appears once, without decay since it is an embedding."""
     model = checkpoint.unwrap(model)
+    if runtime.fsdp and not is_sharded(model):
+        raise RuntimeError("under FSDP, build the optimizer after prepare_model (sharding replaces the parameters)")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied tensor once
@@ -302,11 +381,15 @@ def train_step(
         )
     scale = runtime.world_size / n_total
 
-    # 2. forward and backward of each micro-batch; DDP all-reduces gradients on the last one only
+    # 2. forward and backward of each micro-batch; DDP all-reduces (FSDP reduce-scatters) gradients on the
+    #    last one only
     loss_sum = torch.zeros((), device=runtime.device)
     last = len(micro_batches) - 1
+    no_sync = getattr(model, "no_sync", None)  # DDP
+    gradient_sync = getattr(checkpoint.unwrap(model), "set_requires_gradient_sync", None)  # FSDP2
     for i, mb in enumerate(micro_batches):
-        no_sync = getattr(model, "no_sync", None)
+        if runtime.distributed and gradient_sync is not None:
+            gradient_sync(i == last)
         ctx = no_sync() if (runtime.distributed and no_sync is not None and i < last) else contextlib.nullcontext()
         with ctx:
             with runtime.autocast():
@@ -317,6 +400,8 @@ def train_step(
     # 3. clip, step, clear
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -398,6 +483,110 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+# Under FSDP every parameter (and Adam moment) is a DTensor holding 1/world_size of it. Checkpoints and the
+# exported model hold full tensors in the same files as without FSDP: every rank takes part in gathering
+# each tensor (a collective, in the same order everywhere) and rank 0 writes. So a checkpoint is the same
+# whatever wrote it (1 process, DDP or FSDP, any world size) and the exported model loads anywhere. Rank 0
+# holds one full copy in CPU memory: enough for the models this project trains; torch.distributed.checkpoint
+# (sharded files) is the way past that.
+
+
+def _full(t: Tensor) -> Tensor:
+    """A full CPU copy of a tensor or a DTensor (collective for a DTensor)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` laid out as `like` (a DTensor: this rank's shard, cut locally; no communication)."""
+    if not hasattr(like, "full_tensor"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def model_tensors(model: nn.Module) -> dict[str, Tensor] | None:
+    """Full weights with canonical keys, a tied parameter once (as `checkpoint.save_model` stores them), on
+    rank 0; None on the other ranks. A collective when the model is sharded: call on every rank."""
+    model = checkpoint.unwrap(model)
+    if not is_sharded(model):
+        return checkpoint.state_dict_for_saving(model) if _rank()[0] == 0 else None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        param = params.get(key)
+        if param is not None:
+            if id(param) in seen:
+                continue  # a tied parameter: loading re-ties it
+            seen.add(id(param))
+        out[checkpoint.canonical_key(key)] = _full(tensor)
+    return out if _rank()[0] == 0 else None
+
+
+def write_model(model: nn.Module, tensors: dict[str, Tensor], folder: Path, extra: dict | None = None) -> None:
+    """`checkpoint.save_model` with weights already gathered (`model_tensors`); each file atomically."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"kind": checkpoint.model_kind(model), "model": checkpoint.unwrap(model).config.to_dict(), **(extra or {})}
+    for name, write in ((checkpoint.WEIGHTS, lambda f: save_file(tensors, f, metadata={"format": "pt"})),
+                        (checkpoint.CONFIG, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))):
+        tmp = folder / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, folder / name)
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Load full weights into a model, strictly (`checkpoint.load_state_dict`); a sharded model keeps only
+    its shard of each tensor."""
+    model = checkpoint.unwrap(model)
+    if not is_sharded(model):
+        checkpoint.load_state_dict(model, tensors, source)
+        return
+    tensors = {checkpoint.canonical_key(k): v for k, v in tensors.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}  # parameter -> the key it is stored under (the first of its tied names)
+    own = model.state_dict()
+    for key in own:
+        if key in params:
+            first.setdefault(id(params[key]), key)
+    expected = {k for k in own if k not in params or first[id(params[k])] == k}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the model: missing key(s): {', '.join(missing) or '-'}; "
+                        f"unexpected key(s): {', '.join(unexpected) or '-'}")
+    state = {}
+    for key, like in own.items():
+        full = tensors[first[id(params[key])] if key in params else key]
+        if tuple(full.shape) != tuple(like.shape):
+            raise UserError(f"{source}: {key} has shape {tuple(full.shape)}, the model expects {tuple(like.shape)}")
+        state[key] = _shard_like(full.to(like.dtype), like)
+    model.load_state_dict(state)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """optimizer.state_dict() with full tensors, on rank 0 (None elsewhere); a collective under FSDP."""
+    state = optimizer.state_dict()
+    if not any(hasattr(v, "full_tensor") for s in state["state"].values() for v in s.values()):
+        return state if _rank()[0] == 0 else None
+    full = {i: {k: _full(v) if isinstance(v, Tensor) else v for k, v in sorted(s.items())}
+            for i, s in sorted(state["state"].items())}
+    return {**state, "state": full} if _rank()[0] == 0 else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state (`optimizer_state`); a sharded parameter's moments keep only its shard."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        for k, v in s.items():
+            if isinstance(v, Tensor) and hasattr(p, "full_tensor") and tuple(v.shape) == tuple(p.shape):
+                s[k] = _shard_like(v, p)
+    optimizer.load_state_dict(state)
+
+
 class Checkpointer:
     """Resumable checkpoints in OUT/checkpoints/step_NNNNNNN/ and the stage's exported model in OUT/.
 
@@ -436,12 +625,14 @@ class Checkpointer:
         _barrier()
         torch.save(rng_state(), tmp / "state" / f"rng_rank{rank}.pt")
         _barrier()
+        weights = {name: model_tensors(model) for name, model in models.items()}  # every rank: FSDP gathers
+        optim = {name: optimizer_state(optimizer) for name, optimizer in optimizers.items()}
         if rank == 0:
             try:
                 for name, model in models.items():
-                    checkpoint.save_model(model, tmp / name, extra=extra_config)
-                for name, optimizer in optimizers.items():
-                    torch.save(optimizer.state_dict(), tmp / "state" / f"optim_{name}.pt")
+                    write_model(model, weights[name], tmp / name, extra=extra_config)
+                for name, state_dict in optim.items():
+                    torch.save(state_dict, tmp / "state" / f"optim_{name}.pt")
                 _write_json(tmp / "state" / "state.json", {"step": step, **state})
                 (tmp / self.COMPLETE).write_text(f"{step}\n")
                 _fsync_tree(tmp)
@@ -473,10 +664,11 @@ class Checkpointer:
         """Replace OUT/best/ with these models (the stage decides what "best" means) and `record` (e.g.
         {"val_loss": 1.9, "step": 500}) as best.json; atomic like a step checkpoint."""
         best = self.out / "best"
+        weights = self._gather(models_or_model)
         if _rank()[0] == 0:
             tmp = self.out / ".tmp-best"
             shutil.rmtree(tmp, ignore_errors=True)
-            self._export_into(tmp, models_or_model, None)
+            self._export_into(tmp, models_or_model, weights, None)
             _write_json(tmp / "best.json", record)
             _fsync_tree(tmp)
             old_dir = self.out / ".old-best"
@@ -496,18 +688,26 @@ class Checkpointer:
     def export(self, models_or_model: dict[str, nn.Module] | nn.Module, extra: dict | None = None) -> Path:
         """The stage's public result: OUT/model.safetensors + OUT/config.json for one model, or
         OUT/{name}/... for several. Each file is written atomically."""
+        weights = self._gather(models_or_model)
         if _rank()[0] == 0:
-            self._export_into(self.out, models_or_model, extra)
+            self._export_into(self.out, models_or_model, weights, extra)
         _barrier()
         return self.out
 
     @staticmethod
-    def _export_into(folder: Path, models_or_model, extra: dict | None) -> None:
+    def _gather(models_or_model) -> dict:
+        """{name: full weights} on rank 0 (name None for a single model); every rank must call it."""
         if isinstance(models_or_model, nn.Module):
-            checkpoint.save_model(models_or_model, folder, extra=extra)
+            return {None: model_tensors(models_or_model)}
+        return {name: model_tensors(model) for name, model in models_or_model.items()}
+
+    @staticmethod
+    def _export_into(folder: Path, models_or_model, weights: dict, extra: dict | None) -> None:
+        if isinstance(models_or_model, nn.Module):
+            write_model(models_or_model, weights[None], folder, extra=extra)
         else:
             for name, model in models_or_model.items():
-                checkpoint.save_model(model, folder / name, extra=extra)
+                write_model(model, weights[name], folder / name, extra=extra)
 
     # -- finding and loading ------------------------------------------------------------------------
 
@@ -534,12 +734,12 @@ class Checkpointer:
             raise UserError(f"{path} is not a complete checkpoint (no {self.COMPLETE} marker)")
         for name, model in models.items():
             tensors = checkpoint.load_tensors(path / name / checkpoint.WEIGHTS)
-            checkpoint.load_state_dict(model, tensors, str(path / name / checkpoint.WEIGHTS))
+            load_model_tensors(model, tensors, str(path / name / checkpoint.WEIGHTS))
         for name, optimizer in optimizers.items():
             file = path / "state" / f"optim_{name}.pt"
             if not file.is_file():
                 raise UserError(f"{path}: no optimizer state for {name!r} ({file.name})")
-            optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+            load_optimizer_state(optimizer, torch.load(file, map_location="cpu", weights_only=True))
         rank, _ = _rank()
         rng_file = path / "state" / f"rng_rank{rank}.pt"
         if not rng_file.is_file():

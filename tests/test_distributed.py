@@ -1,0 +1,137 @@
+"""Stages under torchrun (2 processes, gloo on the CPU): N ranks with batch B train exactly like one process
+with batch N x B (DESIGN invariant 6: each rank a slice of the global batch, losses normalised by the
+global count), under DDP and FSDP2; an FSDP run resumes exactly and its exported weights load in one
+process (invariants 8 and 11).
+
+The 2-process runs are real `torchrun` launches of the command line (a subprocess each, a few seconds of
+start-up apiece); the 1-process references run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pretrain import write_data  # a small learnable token stream as `prepare` writes it
+from test_rm import build_world_run  # world prompts ranked by the labeler, and a fresh tiny "SFT" model
+
+from instructgpt import train
+from instructgpt.checkpoint import load_model
+from instructgpt.dpo import dpo_command
+from instructgpt.pretrain import pretrain_command
+from instructgpt.rm import rm_command
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The in-process references on one intra-op thread, as each torchrun rank gets (OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(train, "default_threads", lambda: 1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> None:
+    """`torchrun --nproc-per-node 2 -m instructgpt.cli ARGS`, failing the test with the ranks' output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "instructgpt.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INSTRUCTGPT_DEBUG": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+
+
+def flags(**kw) -> list[str]:
+    out = []
+    for k, v in kw.items():
+        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_trajectory(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+    a, b = metrics(one), metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert (k in ra) == (k in rb), (ra, rb)
+            if k in ra:
+                assert abs(ra[k] - rb[k]) <= TOL * max(1.0, abs(ra[k])), (k, ra, rb)
+
+
+def assert_close_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+PRETRAIN = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, warmup_steps=2, eval_iters=2, log_interval=1,
+                eval_interval=3, checkpoint_interval=3, max_steps=6, lr=3e-3, samples=1, device="cpu")
+
+
+def test_pretrain_ddp_and_fsdp_match_one_process_and_fsdp_resumes_exactly(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    pretrain_command(data, tmp_path / "one", batch_size=8, grad_accum=2, **PRETRAIN)
+    torchrun("pretrain", *flags(data=data, out=tmp_path / "ddp", batch_size=4, grad_accum=2, **PRETRAIN))
+    torchrun("pretrain", *flags(data=data, out=tmp_path / "fsdp", batch_size=4, grad_accum=2, **PRETRAIN), "--fsdp")
+    for two in ("ddp", "fsdp"):
+        assert_same_trajectory(tmp_path / "one", tmp_path / two, ("loss", "val_loss", "grad_norm", "tokens"))
+        assert_close_weights(tmp_path / "one", tmp_path / two)
+    assert metrics(tmp_path / "ddp")[1]["tokens"] == 2 * 8 * 16  # the global count: 2 micro-batches x 8 rows x T
+
+    # the FSDP run stopped after its step-3 checkpoint, resumed under 2 processes: the same run, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
+    for name in ("done.json", "model.safetensors"):
+        (resumed / name).unlink()
+    torchrun("pretrain", *flags(data=data, out=resumed, batch_size=4, grad_accum=2, **PRETRAIN), "--fsdp", "--resume")
+    assert_close_weights(tmp_path / "fsdp", resumed, atol=0)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert drop(metrics(tmp_path / "fsdp")) == drop(metrics(resumed))
+
+    # the exported FSDP model is a plain checkpoint: it loads strictly in one process
+    fsdp_model, one_model = load_model(tmp_path / "fsdp").eval(), load_model(tmp_path / "one").eval()
+    x = (torch.arange(16)[None] % 20) + 6  # (1, T)
+    with torch.no_grad():
+        torch.testing.assert_close(fsdp_model(x), one_model(x), atol=1e-4, rtol=0)
+
+
+def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> None:
+    run = build_world_run(tmp_path, n_prompts=24, block_size=64)
+    common = dict(max_steps=3, lr=1e-3, warmup_steps=1, log_interval=1, eval_interval=3, val_fraction=0.25,
+                  max_length=64, device="cpu")
+
+    rm_command(run["sft"], [run["rankings"]], tmp_path / "rm1", batch_size=4, **common)
+    torchrun("rm", *flags(init=run["sft"], data=[run["rankings"]], out=tmp_path / "rm2", batch_size=2, **common))
+    assert_same_trajectory(tmp_path / "rm1", tmp_path / "rm2",
+                           ("loss", "accuracy", "grad_norm", "prompts", "val_accuracy", "val_loss"))
+    # The ranking loss ignores a shift of every reward, so the final norm's bias gets a gradient of pure
+    # rounding noise, which Adam scales up to lr-sized steps: that tensor agrees to about lr / 10 only.
+    assert_close_weights(tmp_path / "rm1", tmp_path / "rm2", atol=1e-4)
+
+    dpo_command(run["sft"], [run["rankings"]], tmp_path / "dpo1", batch_size=8, **common)
+    torchrun("dpo", *flags(init=run["sft"], data=[run["rankings"]], out=tmp_path / "dpo2", batch_size=4, **common))
+    assert_same_trajectory(tmp_path / "dpo1", tmp_path / "dpo2",
+                           ("loss", "grad_norm", "pairs", "rewards/chosen", "rewards/margins", "eval/loss"))
+    assert_close_weights(tmp_path / "dpo1", tmp_path / "dpo2")
