@@ -85,19 +85,32 @@ def replies(model, tok: Tokenizer, prompts, few_shot: bool, max_new_tokens: int,
 
 @torch.no_grad()
 def heldout_loss(model, tok: Tokenizer, text_path: Path, max_windows: int = 64) -> float:
-    """Per-token loss on held-out pretraining text, in windows of the model's context."""
+    """Per-token loss on held-out pretraining text, in windows of the model's context: next-token loss
+    for a GPT; for an encoder-decoder, the prefix-LM loss of its pretraining (the first half of a window
+    in the encoder, the second half predicted by the decoder)."""
+    from .model import Seq2Seq
+    from .pretrain import prefix_lm_batch, seq2seq_loss_sum
+
     ids = tok.encode(text_path.read_text(encoding="utf-8"))
     T = model.config.block_size
-    starts = list(range(0, max(1, len(ids) - T - 1), T))[:max_windows]
-    if not starts:
-        raise UserError(f"{text_path}: too short for one window of {T + 1} tokens")
+    seq2seq = isinstance(model, Seq2Seq)
+    W = 2 * T if seq2seq else T + 1
+    starts = list(range(0, max(1, len(ids) - W), W))[:max_windows]
+    if not starts or len(ids) < W:
+        raise UserError(f"{text_path}: too short for one window of {W} tokens")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(starts), 16):
-        rows = torch.tensor([ids[i:i + T + 1] for i in starts[s:s + 16]], device=device)
-        logits = model(rows[:, :-1]).float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"))
-        count += rows[:, 1:].numel()
+        rows = np.array([ids[i:i + W] for i in starts[s:s + 16]], dtype=np.int64)
+        if seq2seq:
+            batch = prefix_lm_batch(rows, np.full(len(rows), T // 2), tok.bos_id, tok.pad_id)
+            total += float(seq2seq_loss_sum(model, {k: v.to(device) for k, v in batch.items()}))
+            count += batch["labels"].numel()
+            continue
+        rows_t = torch.from_numpy(rows).to(device)
+        logits = model(rows_t[:, :-1]).float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), rows_t[:, 1:].flatten(), reduction="sum"))
+        count += rows_t[:, 1:].numel()
     return total / count
 
 
