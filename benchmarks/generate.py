@@ -8,6 +8,9 @@ tokens. Neither engine stops early: our end token is an id that cannot occur (-1
 has no eos. Both must produce the same tokens before anything is timed. Prints one JSON line per
 (engine, batch) with new tokens per second (prefill included, best of --repeats), then one with the
 ratios. --profile adds the top operators of our batch-16 generation under torch.profiler.
+
+On a loaded 2-core machine, OpenMP threads that spin at every barrier make these microsecond-sized ops
+100x slower for both engines; `OMP_WAIT_POLICY=passive` keeps the figures meaningful (see README.md).
 """
 
 from __future__ import annotations

@@ -130,3 +130,9 @@ def test_seq2seq_generation_equals_naive():
 def test_bad_requests_are_clear_errors(prompts, params, message):
     with pytest.raises(ValueError, match=message):
         generate(model_for("gpt2"), prompts, params, EOS, PAD)
+
+
+def test_bad_pad_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="pad_id 61 outside"):
+        generate(model_for("gpt2"), PROMPTS, SamplingParams(max_new_tokens=2), EOS, V)
+

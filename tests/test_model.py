@@ -4,6 +4,7 @@ import torch
 from instructgpt.model import (
     GPT,
     PRESETS,
+    KVCache,
     ModelConfig,
     ScalarModel,
     Seq2Seq,
@@ -100,6 +101,28 @@ def test_segments_do_not_attend_to_each_other(cfg):
     out = m(packed, position_ids=pos, segment_ids=seg)[0]
     torch.testing.assert_close(out[:6], m(a[None])[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[6:], m(b[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_shape_cache_step_equals_the_full_forward(cfg):
+    """The engine's decode step (every cache slot read, a prebuilt additive 4-D mask hiding padding and
+    unwritten slots, explicit positions, no id check) against the slow twin: the whole left-padded
+    sequence through the plain forward with a 2-D mask."""
+    m = make(GPT, cfg)
+    idx = torch.randint(1, V, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 is left-padded
+    S_max = 10
+    cache = KVCache(cfg.n_layer, 2, cfg.kv_heads, S_max, cfg.head_dim, "cpu", torch.float32)
+    with torch.no_grad():
+        m(idx[:, :6], mask[:, :6], cache=cache)  # prefill the first 6 tokens
+        cache.fixed_shape = True
+        bias = torch.full((2, 1, 1, S_max), float("-inf"))
+        bias[:, 0, 0, :7] = torch.where(mask.bool(), 0.0, float("-inf"))
+        pos = mask.sum(1, keepdim=True) - 1  # the 7th token's position in each row
+        step = m(idx[:, 6:], bias, position_ids=pos, cache=cache, check_ids=False)[:, -1]
+        full = m(idx, mask)[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 7
 
 
 def test_positions_follow_the_mask():

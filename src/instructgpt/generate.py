@@ -84,6 +84,36 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return idx.to(device), mask.to(device)
 
 
+class _DecodeState:
+    """What the decode steps need besides the cache, kept by the engine instead of rebuilt every step:
+    the additive attention mask over every cache slot (B, 1, 1, S_max), 0 = may attend, -inf = padding or
+    not yet written, one column opened per step; and each row's next position id (B, 1), incremented.
+    With the cache in fixed-shape mode a step does no mask or position arithmetic, no id check and no
+    re-slicing, and has the same shapes every time."""
+
+    def __init__(self, cache: KVCache, key_mask: torch.Tensor, dtype):
+        B, S0 = key_mask.shape  # the prompt's keys: 1 = real, 0 = padding
+        S_max = cache.k.size(3)
+        self.cache = cache
+        self.bias = torch.full((B, 1, 1, S_max), float("-inf"), dtype=dtype, device=key_mask.device)
+        self.bias[:, 0, 0, :S0].masked_fill_(key_mask.bool(), 0.0)
+        self.pos = key_mask.sum(1, keepdim=True)  # (B, 1): positions follow the real tokens (left padding)
+        # Attend over every slot (same shapes each step, for CUDA graphs / torch.compile) or over the filled
+        # prefix only (eager: up to S_max / length times less attention work, measured faster on the CPU).
+        self.fixed_shape = False
+
+    def next_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open the slot the next token writes to; return (mask, position ids) for its step."""
+        L = self.cache.length
+        self.bias[..., L] = 0.0
+        pos = self.pos.clone()  # the model may keep a reference; the next step increments in place
+        self.pos += 1
+        if self.fixed_shape:
+            self.cache.fixed_shape = True
+            return self.bias, pos
+        return self.bias[..., : L + 1], pos  # only the filled slots: fewer keys for eager attention
+
+
 class _DecoderOnly:
     """Prefill then one-token steps for a GPT, over one preallocated KV cache."""
 
@@ -97,16 +127,15 @@ class _DecoderOnly:
             raise ValueError(f"prompt of {T0} tokens + max_new_tokens {max_new} exceeds the model's "
                              f"context of {cfg.block_size} tokens")
         self.cache = KVCache(cfg.n_layer, B, cfg.kv_heads, T0 + max_new, cfg.head_dim, p.device, p.dtype)
-        self.mask = torch.ones(B, T0 + max_new, dtype=torch.long, device=p.device)
-        self.mask[:, :T0] = mask
-        self.idx, self.T0 = idx, T0
+        self.state = _DecodeState(self.cache, mask, p.dtype)
+        self.idx, self.mask = idx, mask
 
     def prefill(self) -> torch.Tensor:
-        return self.model(self.idx, self.mask[:, : self.T0], cache=self.cache, logits_slice=slice(-1, None))[:, -1]
+        return self.model(self.idx, self.mask, cache=self.cache, logits_slice=slice(-1, None))[:, -1]
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
-        S = self.cache.length + 1
-        return self.model(tok[:, None], self.mask[:, :S], cache=self.cache)[:, -1]
+        mask, pos = self.state.next_step()
+        return self.model(tok[:, None], mask, position_ids=pos, cache=self.cache, check_ids=False)[:, -1]
 
 
 class _EncoderDecoder:
@@ -123,24 +152,28 @@ class _EncoderDecoder:
         B = src.size(0)
         self.memory_kv = model.memory_kv(model.encode(src, self.src_mask))
         self.cache = KVCache(cfg.n_layer, B, cfg.kv_heads, max_new + 1, cfg.head_dim, p.device, p.dtype)
-        self.mask = torch.ones(B, max_new + 1, dtype=torch.long, device=p.device)
+        self.state = _DecodeState(self.cache, torch.ones(B, 0, dtype=torch.long, device=p.device), p.dtype)
         self.start = torch.full((B, 1), start_id, dtype=torch.long, device=p.device)
 
-    def _decode(self, tgt: torch.Tensor) -> torch.Tensor:
-        S = self.cache.length + tgt.size(1)
-        return self.model.decode(tgt, self.memory_kv, self.src_mask, self.mask[:, :S], cache=self.cache)[:, -1]
-
     def prefill(self) -> torch.Tensor:
-        return self._decode(self.start)
+        return self._step(self.start[:, 0], check_ids=True)
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
-        return self._decode(tok[:, None])
+        return self._step(tok, check_ids=False)
+
+    def _step(self, tok: torch.Tensor, check_ids: bool) -> torch.Tensor:
+        mask, pos = self.state.next_step()
+        return self.model.decode(tok[:, None], self.memory_kv, self.src_mask, mask, pos, cache=self.cache,
+                                 check_ids=check_ids)[:, -1]
 
 
-def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
+    """The only id check of a generation: decode steps feed sampled ids (always in range) or pad_id."""
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from")
     V = model.config.vocab_size
+    if not 0 <= pad_id < V:
+        raise ValueError(f"pad_id {pad_id} outside the vocabulary [0, {V})")
     for i, p in enumerate(prompts):
         if len(p) == 0 and isinstance(model, GPT):
             raise ValueError(f"prompt {i} is empty")
@@ -168,7 +201,7 @@ def stream(
     `all_finished(finished)` lets ranks under torchrun decide together when to stop (default: this
     process's rows)."""
     params.validate()
-    _check_prompts(model, prompts)
+    _check_prompts(model, prompts, pad_id)
     was_training = model.training
     model.eval()
     try:
@@ -184,17 +217,17 @@ def stream(
         B = logits.size(0)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
         for step in range(params.max_new_tokens):
-            tok = sample_next(logits, params, generator)  # (B,)
+            tok = sample_next(logits, params, generator)  # (B,), a fresh tensor
             logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
             active = ~finished
-            tok = torch.where(active, tok, torch.full_like(tok, pad_id))
-            logp = torch.where(active, logp, torch.zeros_like(logp))
+            tok.masked_fill_(finished, pad_id)
+            logp.masked_fill_(finished, 0.0)
             yield tok, logp, active
-            finished = finished | (tok == eos_id)
+            finished |= tok == eos_id
             done = all_finished(finished) if all_finished is not None else bool(finished.all())
             if done or step == params.max_new_tokens - 1:
                 break
-            logits = runner.step(tok)
+            logits = runner.step(tok)  # (B, V)
     finally:
         model.train(was_training)
 

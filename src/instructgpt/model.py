@@ -184,18 +184,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, K, S_max, D) each, written in place."""
+    """Preallocated keys and values for every layer: (B, K, S_max, D) each, written in place.
+
+    Two ways to read it back. By default attention sees the filled prefix (B, K, length + T, D), and the
+    caller's 2-D mask covers exactly those keys. With `fixed_shape = True` attention sees all S_max slots
+    and the caller passes a 4-D mask (B, 1, T, S_max) that hides the slots not yet written: every decode
+    step then has the same shapes (what CUDA graphs and torch.compile want), and nothing is re-sliced."""
 
     def __init__(self, n_layer: int, B: int, K: int, S_max: int, D: int, device, dtype):
         self.k = torch.zeros(n_layer, B, K, S_max, D, device=device, dtype=dtype)
         self.v = torch.zeros(n_layer, B, K, S_max, D, device=device, dtype=dtype)
         self.length = 0  # positions filled so far (the same for every row; padding is masked instead)
+        self.fixed_shape = False  # attend over every slot (the mask hides unwritten ones); see above
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.size(2)
         start = self.length
         self.k[layer, :, :, start:start + T] = k
         self.v[layer, :, :, start:start + T] = v
+        if self.fixed_shape:
+            return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
 
@@ -229,7 +237,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal (or full)
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool (True = may attend) or additive float; None = causal
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
@@ -247,6 +255,8 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, K, S, D) with S = everything cached so far
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # an additive mask must match the queries' dtype (autocast)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -342,12 +352,24 @@ def build_mask(
 
 
 def _check_ids(idx: torch.Tensor, cfg: ModelConfig, where: str) -> None:
+    """A clear error for a sequence longer than the context or an id outside the vocabulary.
+
+    The range check costs a reduction and, on the CPU, a host read; on CUDA it is an asynchronous device
+    assert (no sync per training micro-step), and under torch.compile it is skipped so that the graph does
+    not break (the embedding lookup still fails on ids past the table). Callers that validated their ids
+    (the generation engine's decode steps) pass check_ids=False to the models."""
     T = idx.size(-1)
     if T > cfg.block_size:
         raise ValueError(f"{where}: sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
-        raise ValueError(f"{where}: token ids must be in [0, {cfg.vocab_size}); got "
-                         f"min {int(idx.min())}, max {int(idx.max())}")
+    if idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    message = f"{where}: token ids must be in [0, {cfg.vocab_size})"
+    if idx.is_cuda:
+        torch._assert_async(((idx >= 0) & (idx < cfg.vocab_size)).all(), message)
+        return
+    lo, hi = (int(t) for t in idx.aminmax())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"{message}; got min {lo}, max {hi}")
 
 
 class Transformer(nn.Module):
@@ -375,7 +397,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, S): keys, including the cache
+        attention_mask: torch.Tensor | None = None,  # (B, S): keys, including the cache; or a 4-D mask
         position_ids: torch.Tensor | None = None,  # (B, T)
         segment_ids: torch.Tensor | None = None,  # (B, T) packed documents
         cache: KVCache | None = None,
@@ -384,6 +406,11 @@ class Transformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = idx.shape
+        # A 4-D attention mask (B, 1, T, S) is the SDPA mask itself, built by the caller (the generation
+        # engine keeps one across decode steps); it needs explicit position ids.
+        prebuilt = attention_mask is not None and attention_mask.dim() == 4
+        if prebuilt and (position_ids is None or segment_ids is not None):
+            raise ValueError("a 4-D attention mask needs position_ids and no segment_ids")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, -T:]
@@ -399,7 +426,7 @@ class Transformer(nn.Module):
         x = self.drop(x)
         if cache is not None and attention_mask is None:
             raise ValueError("decoding with a KV cache needs the attention mask of every cached key")
-        mask = build_mask(attention_mask, T, causal=causal, segment_ids=segment_ids)
+        mask = attention_mask if prebuilt else build_mask(attention_mask, T, causal=causal, segment_ids=segment_ids)
         for i, block in enumerate(self.h):
             mkv = memory_kv[i] if memory_kv is not None else None
             x = block(x, mask, rope, cache, i, memory_kv=mkv, memory_mask=memory_mask, causal=causal)
@@ -436,10 +463,13 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, idx, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
-                logits_slice: slice | None = None) -> torch.Tensor:
+                logits_slice: slice | None = None, *, check_ids: bool = True) -> torch.Tensor:
         """Logits (B, T, V) over the real vocabulary. `logits_slice` picks time steps before the
-        unembedding (generation needs only the last one)."""
-        _check_ids(idx, self.config, "GPT input")
+        unembedding (generation needs only the last one). `attention_mask` is (B, S) with 1 = real key,
+        or a prebuilt 4-D SDPA mask (B, 1, T, S) together with position_ids. check_ids=False skips the
+        id range check for callers that validated the ids."""
+        if check_ids:
+            _check_ids(idx, self.config, "GPT input")
         h = self.transformer(idx, attention_mask, position_ids, segment_ids, cache)
         if logits_slice is not None:
             h = h[:, logits_slice]
@@ -515,8 +545,9 @@ class Seq2Seq(nn.Module):
         return [block.cross_attn.project_kv(memory) for block in self.decoder.h]
 
     def decode(self, tgt, memory_kv, src_mask=None, tgt_mask=None, position_ids=None, cache=None,
-               logits_slice: slice | None = None) -> torch.Tensor:
-        _check_ids(tgt, self.config, "decoder input")
+               logits_slice: slice | None = None, *, check_ids: bool = True) -> torch.Tensor:
+        if check_ids:
+            _check_ids(tgt, self.config, "decoder input")
         memory_mask = None
         if src_mask is not None:
             memory_mask = src_mask.bool()[:, None, None, :]  # (B, 1, 1, S): every query sees real sources
