@@ -20,11 +20,11 @@ from typing import Literal
 
 from .errors import UserError
 
-# Sizes per preset. The arithmetic for `tiny`: a 4-layer, 128-dim GPT pretrained on a 1.5 MB corpus for
-# 1200 steps of 16 x 128 tokens (about 2.5M tokens, several passes over the world's text); SFT on 2000
-# demonstrations; 1200 prompts x K = 4..9 samples ranked (about 20k comparisons, ten times the
-# demonstrations, as the paper had far more comparisons than demonstrations); PPO for 40 steps of 64
-# rollouts.
+# Sizes per preset. The arithmetic for `tiny`: a 4-layer, 128-dim GPT pretrained on a 1.5 MB corpus
+# (about 390k tokens) for 1000 steps of 16 x 128 tokens (2M tokens, five passes); SFT on 2000
+# demonstrations; 1200 prompts x K = 4..9 samples ranked (about 24k comparisons, ten times the
+# demonstrations, as the paper had far more comparisons than demonstrations); PPO for 30 steps of 64
+# rollouts; DPO for 150 steps of 16 pairs.
 PRESETS: dict[str, dict] = {
     "smoke": {
         "world": dict(corpus_chars=150_000, n_sft=200, n_rm=60, n_rl=64, n_eval=40),
@@ -43,14 +43,14 @@ PRESETS: dict[str, dict] = {
         "world": dict(corpus_chars=1_500_000, n_sft=2000, n_rm=1200, n_rl=2000, n_eval=400),
         "vocab_size": 2048,
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
-        "pretrain": dict(max_steps=1200, batch_size=16, lr=2e-3, warmup_steps=50, eval_interval=200,
+        "pretrain": dict(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, eval_interval=200,
                          eval_iters=10),
         "sft": dict(epochs=3.0, batch_size=32, lr=5e-4, dropout=0.1),
         "collect": dict(k_min=4, k_max=9, max_new_tokens=32),
         "rm": dict(epochs=2.0, batch_size=8, lr=5e-4),
-        "ppo": dict(max_steps=40, batch_size=64, max_new_tokens=32, lr=3e-5, minibatches=4, ppo_epochs=4),
+        "ppo": dict(max_steps=30, batch_size=64, max_new_tokens=32, lr=3e-5, minibatches=4, ppo_epochs=4),
         "ptx_coef": 1.0,
-        "dpo": dict(epochs=1.0, batch_size=16, lr=5e-5),
+        "dpo": dict(max_steps=150, batch_size=16, lr=5e-5),
         "eval": dict(max_new_tokens=32),
     },
     "small": {
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict] = {
         "rm": dict(epochs=1.0, batch_size=8, lr=5e-5),
         "ppo": dict(max_steps=100, batch_size=128, max_new_tokens=48, lr=1e-5, minibatches=4, ppo_epochs=4),
         "ptx_coef": 1.0,
-        "dpo": dict(epochs=1.0, batch_size=32, lr=1e-5),
+        "dpo": dict(max_steps=600, batch_size=32, lr=1e-5),
         "eval": dict(max_new_tokens=48),
     },
 }
