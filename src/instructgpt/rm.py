@@ -297,11 +297,7 @@ def rm_command(
     """
     t0 = time.time()
     init, out = Path(init), Path(out)
-    if (out / "done.json").exists():
-        if not resume:
-            raise UserError(f"{out} holds a finished reward-model run; choose another --out or pass --resume")
-        summary = json.loads((out / "done.json").read_text())
-        print(json.dumps(summary))
+    if (summary := train.finished_summary(out, resume, "reward-model")) is not None:
         return summary
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")

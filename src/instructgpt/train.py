@@ -752,6 +752,19 @@ class Checkpointer:
 # Metrics, progress and MFU
 
 
+def finished_summary(out: Path, resume: bool, what: str) -> dict | None:
+    """The summary of a stage that already finished in `out` (its done.json), for `--resume`; without
+    `--resume` a finished `out` is an error, so a finished result is never overwritten by accident."""
+    done = Path(out) / "done.json"
+    if not done.exists():
+        return None
+    if not resume:
+        raise UserError(f"{out} holds a finished {what} run; choose another --out or pass --resume")
+    summary = json.loads(done.read_text())
+    print(json.dumps(summary))
+    return summary
+
+
 class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per logged step. On resume from step S, lines with step > S
     (logged after the checkpoint by the run that stopped) and any torn last line are dropped."""
