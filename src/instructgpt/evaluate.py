@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .chat import render_prompt
 from .checkpoint import load_model
+from .collect import world_record
 from .data import read_prompts
 from .errors import UserError
 from .generate import SamplingParams, generate
@@ -164,8 +165,7 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
     dev = resolve_device(device)
     labeler = Labeler.load(world, seed=seed)
     items = list(read_prompts(prompts))[:max_prompts]
-    records = [{"prompt": p.messages[-1]["content"], "family": p.meta["family"], "meta": p.meta.get("meta", {}),
-                "id": p.meta.get("id", "")} for p in items]
+    records = [world_record(p) for p in items]
     answers: dict[str, list[tuple[str, bool]]] = {}
     results: dict[str, dict] = {}
     for name, folder in models.items():
