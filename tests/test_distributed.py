@@ -25,8 +25,10 @@ from test_rm import build_world_run  # world prompts ranked by the labeler, and 
 from instructgpt import train
 from instructgpt.checkpoint import load_model
 from instructgpt.dpo import dpo_command
+from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
 from instructgpt.rm import rm_command
+from instructgpt.sft import sft_command
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -85,6 +87,17 @@ def assert_close_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
+def stop_after_checkpoint(run: Path, copy: Path, step: int) -> None:
+    """`copy`: the finished `run` as it was right after its checkpoint of `step` (later checkpoints, the
+    exported model and done.json removed); metrics.jsonl keeps later rows, which a resume must drop."""
+    shutil.copytree(run, copy)
+    for path in (copy / "checkpoints").iterdir():
+        if int(path.name.removeprefix("step_")) > step:
+            shutil.rmtree(path)
+    for name in ("done.json", "model.safetensors"):
+        (copy / name).unlink()
+
+
 PRETRAIN = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, warmup_steps=2, eval_iters=2, log_interval=1,
                 eval_interval=3, checkpoint_interval=3, max_steps=6, lr=3e-3, samples=1, device="cpu")
 
@@ -101,10 +114,7 @@ def test_pretrain_ddp_and_fsdp_match_one_process_and_fsdp_resumes_exactly(tmp_pa
 
     # the FSDP run stopped after its step-3 checkpoint, resumed under 2 processes: the same run, bit for bit
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "fsdp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
-    for name in ("done.json", "model.safetensors"):
-        (resumed / name).unlink()
+    stop_after_checkpoint(tmp_path / "fsdp", resumed, 3)
     torchrun("pretrain", *flags(data=data, out=resumed, batch_size=4, grad_accum=2, **PRETRAIN), "--fsdp", "--resume")
     assert_close_weights(tmp_path / "fsdp", resumed, atol=0)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
@@ -135,3 +145,36 @@ def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> 
     assert_same_trajectory(tmp_path / "dpo1", tmp_path / "dpo2",
                            ("loss", "grad_norm", "pairs", "rewards/chosen", "rewards/margins", "eval/loss"))
     assert_close_weights(tmp_path / "dpo1", tmp_path / "dpo2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# SFT
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tmp_path_factory) -> dict:
+    """A world with its demonstrations, a fresh tiny "SFT" model and pretraining shards in its tokenizer."""
+    root = tmp_path_factory.mktemp("rlhf")
+    run = build_world_run(root, n_prompts=24)
+    prepare_command(inputs=[run["world"] / "corpus.txt"], out=root / "data", tokenizer_path=run["sft"])
+    return {**run, "data": root / "data"}
+
+
+def test_sft_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
+    """Padded batches with pretraining windows under DDP; packed batches and labeler selection (greedy
+    generation on every rank of a sharded model) under FSDP."""
+    run = rlhf_run
+    common = dict(data=[run["demos"]], max_steps=4, lr=1e-3, warmup_steps=1, dropout=0.0, log_interval=1,
+                  eval_interval=2, ptx_fraction=0.2, ptx_data=run["data"], device="cpu")
+    sft_command(run["sft"], out=tmp_path / "one", batch_size=8, **common)
+    torchrun("sft", *flags(init=run["sft"], out=tmp_path / "ddp", batch_size=4, **common))
+    assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", ("loss", "grad_norm", "tokens", "val_loss"))
+    assert_close_weights(tmp_path / "one", tmp_path / "ddp")
+
+    packed = dict(common, select_by="labeler", world=run["world"], select_prompts=4, select_max_new_tokens=8)
+    sft_command(run["sft"], out=tmp_path / "one_packed", batch_size=8, packing=True, **packed)
+    torchrun("sft", *flags(init=run["sft"], out=tmp_path / "fsdp", batch_size=4, **packed), "--packing", "--fsdp")
+    assert_same_trajectory(tmp_path / "one_packed", tmp_path / "fsdp",
+                           ("loss", "grad_norm", "tokens", "val_loss", "labeler_score"))
+    assert_close_weights(tmp_path / "one_packed", tmp_path / "fsdp")
+

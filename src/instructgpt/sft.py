@@ -1,7 +1,8 @@
 """Supervised fine-tuning on demonstrations (InstructGPT step 1, paper section 3.5).
 
 Every example goes through the one chat template; the loss is next-token cross-entropy on the assistant
-replies and their end tokens only, normalised by the number of target tokens in the whole optimizer step.
+replies and their end tokens only, normalised by the number of target tokens in the whole optimizer step
+(over every rank under torchrun, where each rank trains on its slice of every batch).
 Batches are padded, or packed (`--packing`): several examples share a row, never attend to each other,
 and each restarts its positions at 0, so a packed batch has exactly the loss of the same examples padded.
 `--ptx-fraction` mixes pretraining windows into every step (the paper's PPO initialisation was SFT with
@@ -433,6 +434,7 @@ def sft_command(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool | None = None,
+    fsdp: bool = False,
     resume: bool = False,
     skip_invalid: bool = False,
 ) -> None:
@@ -445,8 +447,8 @@ def sft_command(
         val_data: validation files; without them `val_fraction` of `data` is held out.
         val_fraction: share of `data` held out for the validation loss when no `val_data` is given.
         epochs: passes over the training examples (ignored when `max_steps` is given).
-        max_steps: optimizer steps (default: epochs x examples / (batch_size x grad_accum)).
-        batch_size: examples per micro-batch (packed into fewer rows with `packing`).
+        max_steps: optimizer steps (default: epochs x examples / (batch_size x grad_accum x processes)).
+        batch_size: examples per micro-batch and process (packed into fewer rows with `packing`).
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate (linear warm-up, then a cosine down to `min_lr`).
         min_lr: learning rate at the end of the cosine (default lr / 10).
@@ -458,7 +460,8 @@ def sft_command(
         max_length: longest example in tokens (default: the model's context); longer ones are truncated.
         packing: pack several examples per row (document mask, positions restart) instead of padding.
         ptx_fraction: share of each step's sequences drawn from pretraining shards (`ptx_data`); every
-            token of a window is a target, weighted like a reply token.
+            token of a window is a target, weighted like a reply token. Under torchrun each process adds its
+            share, rounded from its own batch.
         ptx_data: a `prepare` output folder written with the model's tokenizer, needed with `ptx_fraction`.
         select_by: which evaluation picks the exported checkpoint: "loss" (lowest validation loss) or
             "labeler" (highest labeler score of greedy replies to held-out world prompts; needs `world`).
@@ -472,6 +475,8 @@ def sft_command(
         device: auto, cpu, cuda or cuda:N.
         dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16.
         compile: torch.compile the model (default: on for CUDA, off on CPU).
+        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
+            of replicating them (DDP).
         resume: continue from the latest checkpoint in `out`.
         skip_invalid: skip malformed records (and report how many) instead of stopping at the first.
     """
@@ -532,30 +537,31 @@ def sft_command(
         sel_prompts, sel_records = selection_prompts(Path(world), select_prompts, seed)
         sel = LabelerSelection(Labeler.load(world, seed=seed), sel_prompts, sel_records,
                                min(select_max_new_tokens, cfg.block_size // 2))
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum))
-    total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    warmup_steps = max(1, round(0.05 * total_steps)) if warmup_steps is None else warmup_steps
-    eval_every = eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
-    save_every = checkpoint_interval or eval_every
 
-    # 2. model, optimizer, runtime
+    # 2. runtime, schedule, model, optimizer
     base_dropout = cfg.dropout
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = dropout
     cfg.dropout = dropout
     tcfg = train.TrainConfig(
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        max_steps=total_steps, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, device=device,
-        dtype=dtype, compile=compile, log_interval=log_interval,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps or 0,
+        max_steps=max_steps or 1, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, device=device,
+        dtype=dtype, compile=compile, log_interval=log_interval, fsdp=fsdp,
     )
     runtime = train.setup(tcfg)
-    model.to(runtime.device)
+    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
+    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
+    tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    if warmup_steps is None:
+        tcfg.warmup_steps = max(1, round(0.05 * total_steps))
+    eval_every = eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
+    save_every = checkpoint_interval or eval_every
+    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
-    fwd = train.prepare_model(model, runtime)
     sampler = EpochSampler(len(trn), seed)
     ptx = None
-    n_ptx = 0
+    n_ptx = 0  # pretraining windows per step on this rank
     if ptx_fraction > 0:
         ptx = PretrainWindows(Path(ptx_data), max_length, seed, tok.bos_id if seq2seq else None, tok.pad_id)
         n_ptx = max(1, round(batch_size * grad_accum * ptx_fraction / (1 - ptx_fraction)))
@@ -565,19 +571,24 @@ def sft_command(
     selects = sel is not None or bool(val)
     ckpt = train.Checkpointer(out, keep_last=2)
     step, best = 0, {"metric": metric, "value": None, "step": 0}
+
+    def say(message: str) -> None:
+        if runtime.is_main:
+            print(message)
+
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
         step, best = state["step"], state["best"]
         sampler.restore(state["sampler"])
         if ptx:
             ptx.restore(state["ptx"])
-        print(f"sft: resumed from {latest} at step {step}")
+        say(f"sft: resumed from {latest} at step {step}")
         if step >= total_steps and (out / DONE).is_file():
-            print(f"sft: {out} is complete ({step} steps): nothing to do")
+            say(f"sft: {out} is complete ({step} steps): nothing to do")
             return
     (out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
     out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step)
+    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
 
     def save_state(step: int) -> None:
         state = {"step": step, "best": best, "sampler": sampler.state()}
@@ -585,12 +596,15 @@ def sft_command(
             state["ptx"] = ptx.state()
         ckpt.save(step, {"model": model}, {"optimizer": optimizer}, state, extra_config={"stage": "sft"})
 
-    print(f"sft: {len(trn)} training and {len(val)} validation examples, {total_steps} steps of "
-          f"{batch_size * grad_accum} examples{f' + {n_ptx} pretraining windows' if ptx else ''} "
-          f"({total_steps / steps_per_epoch:.2f} epochs) on {runtime.device}; the exported model is chosen by "
-          f"{metric if selects else 'nothing (no validation data): the last step'}")
+    W = runtime.world_size
+    say(f"sft: {len(trn)} training and {len(val)} validation examples, {total_steps} steps of "
+        f"{batch_size * grad_accum * W} examples{f' + {n_ptx * W} pretraining windows' if ptx else ''} "
+        f"({total_steps / steps_per_epoch:.2f} epochs) on {runtime.device}{f' x {W} processes' if W > 1 else ''}; "
+        f"the exported model is chosen by {metric if selects else 'nothing (no validation data): the last step'}")
 
-    # 3. the loop (with the validation loss of the initial model first, as a baseline)
+    # 3. the loop (with the validation loss of the initial model first, as a baseline). Every rank draws the
+    #    step's global batch and keeps its slice; every rank evaluates on the whole validation set (and the
+    #    same selection prompts), so all of them agree on the best checkpoint.
     if step == 0 and val:
         log.write({"step": 0, "val_loss": mean_loss(model, val, tok.pad_id, batch_size, runtime)})
     progress = train.Progress(total_steps, "sft", start=step)
@@ -598,10 +612,11 @@ def sft_command(
     while step < total_steps:
         micro = []
         for _ in range(grad_accum):
-            items = [trn[i] for i in sampler.take(batch_size)]
+            items = [trn[i] for i in train.rank_rows(sampler.take(batch_size * W), runtime)]
             micro.append(to_device(make_batch(items, tok.pad_id, packing, max_length), runtime.device))
         for i in range(0, n_ptx, batch_size):
-            micro.append(to_device(ptx.batch(min(batch_size, n_ptx - i)), runtime.device))
+            windows = ptx.batch(W * min(batch_size, n_ptx - i))
+            micro.append(to_device(train.rank_rows(windows, runtime), runtime.device))
         stats = train.train_step(fwd, optimizer, micro, sft_loss_sum, n_targets, tcfg, runtime, step)
         step += 1
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **stats}
@@ -629,6 +644,8 @@ def sft_command(
     model.config.dropout = base_dropout
     ckpt.export(model, extra={"stage": "sft", "selected_by": metric if selects else "last",
                               "selected_step": best["step"] if selects else step, "sft_dropout": dropout})
+    if not runtime.is_main:
+        return
     tmp_tok = out / ".tokenizer.json.tmp"
     shutil.copyfile(init / "tokenizer.json", tmp_tok)
     os.replace(tmp_tok, out / "tokenizer.json")
