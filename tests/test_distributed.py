@@ -1,7 +1,8 @@
 """Stages under torchrun (2 processes, gloo on the CPU): N ranks with batch B train exactly like one process
 with batch N x B (DESIGN invariant 6: each rank a slice of the global batch, losses normalised by the
-global count), under DDP and FSDP2; an FSDP run resumes exactly and its exported weights load in one
-process (invariants 8 and 11).
+global count), under DDP and FSDP2; FSDP runs resume exactly and their exported weights load in one
+process (invariants 8 and 11); PPO ranks whose responses end at different lengths generate together
+(invariant 12).
 
 The 2-process runs are real `torchrun` launches of the command line (a subprocess each, a few seconds of
 start-up apiece); the 1-process references run in this process."""
@@ -23,12 +24,15 @@ from test_pretrain import write_data  # a small learnable token stream as `prepa
 from test_rm import build_world_run  # world prompts ranked by the labeler, and a fresh tiny "SFT" model
 
 from instructgpt import train
-from instructgpt.checkpoint import load_model
+from instructgpt.chat import render_prompt
+from instructgpt.checkpoint import load_model, save_model
 from instructgpt.dpo import dpo_command
+from instructgpt.model import ScalarModel
+from instructgpt.ppo import ppo_command
 from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
 from instructgpt.rm import rm_command
-from instructgpt.sft import sft_command
+from instructgpt.sft import EpochSampler, sft_command
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -148,16 +152,24 @@ def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
-# SFT
+# SFT and PPO
 
 
 @pytest.fixture(scope="module")
 def rlhf_run(tmp_path_factory) -> dict:
-    """A world with its demonstrations, a fresh tiny "SFT" model and pretraining shards in its tokenizer."""
+    """A world with its demonstrations and prompts, a fresh tiny "SFT" model, pretraining shards in its
+    tokenizer, a random reward model and a prompt file."""
     root = tmp_path_factory.mktemp("rlhf")
     run = build_world_run(root, n_prompts=24)
     prepare_command(inputs=[run["world"] / "corpus.txt"], out=root / "data", tokenizer_path=run["sft"])
-    return {**run, "data": root / "data"}
+    torch.manual_seed(1)
+    rm = ScalarModel(load_model(run["sft"]).config)
+    with torch.no_grad():
+        rm.score_head.weight.mul_(3.0)  # scores spread over a few units, like a trained reward model's
+    save_model(rm, root / "rm")
+    prompts = [json.loads(line) for line in open(run["world"] / "prompts_rm.jsonl")]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in prompts))
+    return {**run, "data": root / "data", "rm": root / "rm", "prompts": root / "prompts.jsonl"}
 
 
 def test_sft_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
@@ -178,3 +190,86 @@ def test_sft_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
                            ("loss", "grad_norm", "tokens", "val_loss", "labeler_score"))
     assert_close_weights(tmp_path / "one_packed", tmp_path / "fsdp")
 
+
+PPO_KEYS = ("episode", "objective/kl", "objective/kl_coef", "objective/entropy", "objective/scores",
+            "objective/rlhf_reward", "val/ended", "val/response_length", "policy/approxkl", "policy/clipfrac",
+            "policy/first_ratio_maxdev", "loss/policy", "loss/value", "loss/ptx", "val/clipfrac")
+
+
+def test_ppo_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
+    """Sampled rollouts (the same responses: each row's noise is its own in the global batch), the adaptive KL,
+    PPO-ptx and an EMA under DDP: the logged trajectory and the exported policy of 2 ranks x 4 prompts are
+    those of 1 process x 8."""
+    run = rlhf_run
+    common = dict(policy=run["sft"], reward=run["rm"], prompts=run["prompts"], max_steps=3, max_new_tokens=8,
+                  lr=3e-3, warmup_steps=1, minibatches=1, ppo_epochs=2, kl_target=0.5, ema=0.5, ptx_coef=0.5,
+                  ptx_data=run["data"], sample_interval=0, device="cpu", seed=0)
+    ppo_command(out=tmp_path / "one", batch_size=8, **common)
+    torchrun("ppo", *flags(out=tmp_path / "ddp", batch_size=4, **common))
+    assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", PPO_KEYS)
+    assert_close_weights(tmp_path / "one", tmp_path / "ddp")
+    rows = metrics(tmp_path / "one")
+    assert 0 < rows[0]["val/ended"] < 1  # some responses ended before max_new_tokens and some did not
+    assert len({r["objective/kl_coef"] for r in rows}) == 3  # the global KL moved beta at every step
+
+
+def stopping_policy(run: dict, out: Path, threshold: int) -> Path:
+    """A policy that ends its reply at once after a prompt of fewer than `threshold` tokens and never ends
+    after a longer one. Its blocks add nothing, so a position's logits depend on its token and position only;
+    channel 0 of the position embedding says which side of the threshold a position is on, and the (tied)
+    token embedding turns that into the end token's logit (before) or "e"'s (after), ~55 above the rest."""
+    tok = run["tok"]
+    model = load_model(run["sft"])
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for linear in (block.attn.o_proj, block.mlp.proj):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        wte.zero_()
+        wpe.zero_()
+        wte[tok.eos_id, 0], wte[tok.encode("e")[0], 0] = 10.0, -10.0
+        # a prompt of P tokens: its last token, at position P - 1, predicts the first reply token
+        wpe[:threshold - 1, 0], wpe[threshold - 1:, 0] = 100.0, -100.0
+    save_model(model, out)
+    shutil.copy(run["sft"] / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def test_ppo_fsdp_ranks_whose_responses_end_apart_generate_together_and_resume_exactly(rlhf_run,
+                                                                                        tmp_path: Path) -> None:
+    """At the first step every response of rank 0 ends at once and every one of rank 1 runs to max_new_tokens:
+    the sharded policy's forwards stay collective (no hang: torchrun's timeout), the run follows one process,
+    and, stopped after its first checkpoint, it resumes under 2 processes bit for bit."""
+    run, tok = rlhf_run, rlhf_run["tok"]
+    threshold, seed = 40, 0
+    policy = stopping_policy(run, tmp_path / "policy", threshold)
+    texts = sorted((json.loads(line)["prompt"] for line in open(run["prompts"])),
+                   key=lambda t: len(render_prompt(tok, [{"role": "user", "content": t}])))
+    short, long = texts[:4], texts[-4:]
+    assert len(render_prompt(tok, [{"role": "user", "content": short[-1]}])) < threshold
+    assert len(render_prompt(tok, [{"role": "user", "content": long[0]}])) >= threshold
+    lines = [""] * 8  # the first global batch takes the prompts in the sampler's order: rank 0 gets the first 4
+    for j, i in enumerate(EpochSampler(8, seed).take(8)):
+        lines[i] = json.dumps({"prompt": (short + long)[j]}) + "\n"
+    (tmp_path / "prompts.jsonl").write_text("".join(lines))
+
+    common = dict(policy=policy, reward=run["rm"], prompts=tmp_path / "prompts.jsonl", max_steps=2, max_new_tokens=8,
+                  lr=3e-3, warmup_steps=1, minibatches=1, ppo_epochs=2, ema=0.5, checkpoint_interval=1,
+                  sample_interval=0, device="cpu", seed=seed)
+    ppo_command(out=tmp_path / "one", batch_size=8, **common)
+    torchrun("ppo", *flags(out=tmp_path / "fsdp", batch_size=4, **common), "--fsdp")
+    first = metrics(tmp_path / "fsdp")[0]
+    assert first["val/ended"] == 0.5 and first["val/response_length"] == (4 * 1 + 4 * 8) / 8
+    assert_same_trajectory(tmp_path / "one", tmp_path / "fsdp", PPO_KEYS)
+    assert_close_weights(tmp_path / "one", tmp_path / "fsdp")
+
+    resumed = tmp_path / "resumed"
+    stop_after_checkpoint(tmp_path / "fsdp", resumed, 1)
+    torchrun("ppo", *flags(out=resumed, batch_size=4, **common), "--fsdp", "--resume")
+    for name in ("policy", "value", "ema"):
+        a = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step_0000002" / name / "model.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / "step_0000002" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert drop(metrics(tmp_path / "fsdp")) == drop(metrics(resumed))

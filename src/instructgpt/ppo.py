@@ -19,6 +19,12 @@ positions (responses right-padded to the longest); a response includes its end t
 
 Metrics follow TRL's names (objective/kl, objective/entropy, objective/scores, objective/rlhf_reward,
 policy/approxkl, policy/clipfrac, loss/policy, loss/value, val/clipfrac, ...), so curves compare directly.
+
+Under torchrun each rank rolls out its slice of the global batch of prompts (`--batch-size` per rank), with
+sampling noise drawn for the whole batch (`GumbelPolicy`), and generation runs until every rank's rows have
+ended. The advantages are whitened, the losses normalised and the statistics averaged over the tokens and
+rollouts of every rank; each rank shuffles its own rollouts into its share of every minibatch. With one
+minibatch per epoch, N ranks with batch B follow one process with batch N x B exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +103,28 @@ class PPOConfig:
 # Rewards, advantages and losses: small functions with the formulas
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x over the real tokens; with `n` (the token count of every rank), this rank's share of the mean
+    over every rank's tokens: the ranks' shares add up to it."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if n is None else n)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the real tokens; padding stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def all_reduce(x: torch.Tensor, runtime: train.Runtime | None, op: str = "sum") -> torch.Tensor:
+    """x summed over the ranks under torchrun (op "max": their largest); x itself in one process."""
+    if runtime is None or not runtime.distributed:
+        return x
+    x = x.clone()
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(x, op=reduce_op)
+    return x
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  runtime: train.Runtime | None = None) -> torch.Tensor:
+    """(x - mean) / std over the real tokens (of every rank under torchrun); padding stays 0."""
+    n = all_reduce(mask.sum(), runtime).clamp(min=1)
+    mean = all_reduce(masked_mean(x, mask, n), runtime)
+    var = all_reduce(masked_mean((x - mean) ** 2, mask, n), runtime)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -161,32 +181,36 @@ def compute_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict]:
+                clip: float, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate (Schulman et al., 2017), to minimise, over (B, R) response tokens:
 
-        L = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi(y_t) / pi_old(y_t)"""
+        L = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi(y_t) / pi_old(y_t)
+
+    With `n` (the minibatch's token count over every rank) the loss and the means among the statistics are
+    this rank's shares (see `masked_mean`)."""
     log_ratio = (logp - old_logp) * mask
     ratio = log_ratio.exp()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, n)
     with torch.no_grad():
         stats = {
-            "policy/approxkl": float(masked_mean(0.5 * log_ratio**2, mask)),
-            "policy/clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
-            "policy/ratio": float(masked_mean(ratio, mask)),
+            "policy/approxkl": float(masked_mean(0.5 * log_ratio**2, mask, n)),
+            "policy/clipfrac": float(masked_mean((clipped > unclipped).float(), mask, n)),
+            "policy/ratio": float(masked_mean(ratio, mask, n)),
             "policy/ratio_maxdev": float(((ratio - 1).abs() * mask).max()),
         }
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss over (B, R) tokens: 0.5 * E_t[max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)]."""
+               clip: float, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss over (B, R) tokens: 0.5 * E_t[max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)];
+    `n` as in `policy_loss`."""
     clipped_v = old_values + (values - old_values).clamp(-clip, clip)
     l1, l2 = (values - returns) ** 2, (clipped_v - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
-    return loss, {"val/clipfrac": float(masked_mean((l2 > l1).float(), mask))}
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask, n)
+    return loss, {"val/clipfrac": float(masked_mean((l2 > l1).float(), mask, n))}
 
 
 class AdaptiveKL:
@@ -230,10 +254,40 @@ class Rollout:
         return [row[:n].tolist() for row, n in zip(self.response, self.response_mask.sum(1).tolist())]
 
 
+class GumbelPolicy(nn.Module):
+    """The policy as the rollouts decode it: its next-token logits / temperature plus Gumbel noise -log(E),
+    E ~ Exp(1), so that greedy decoding draws from softmax(logits / temperature) (the Gumbel-max trick, which
+    is also how torch.multinomial samples). Each decode step draws the noise of the whole global batch from a
+    generator in the same state on every rank, and keeps this rank's rows: a row's sample depends on its place
+    in the global batch, not on the rank that decodes it, so N ranks with B prompts each sample exactly what
+    one process with the N x B prompts does."""
+
+    def __init__(self, policy: GPT, temperature: float, generator: torch.Generator | None, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__()
+        self.policy, self.config = policy, policy.config
+        self.temperature, self.generator = temperature, generator
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        logits = self.policy(*args, **kwargs)[:, -1:].float() / self.temperature  # (B, 1, V)
+        B, _, V = logits.shape
+        e = torch.empty(self.world_size * B, V, device=logits.device).exponential_(generator=self.generator)
+        e = e[self.rank * B:(self.rank + 1) * B]  # (B, V): this rank's rows of the global batch
+        return logits - e.log()[:, None]
+
+
 def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int,
-            generator: torch.Generator | None) -> Rollout:
-    """1. Sample one response per prompt (lists of ids) with the generation engine."""
-    gen = generate(policy, prompt_ids, params, eos_id, pad_id, generator)
+            generator: torch.Generator | None, runtime: train.Runtime | None = None) -> Rollout:
+    """1. Sample one response per prompt (lists of ids) with the generation engine, at params.temperature.
+    Under torchrun the prompts are this rank's slice of the global batch; generation runs until every rank's
+    rows have ended, so a sharded policy runs its forwards in step on every rank (invariant 12)."""
+    if params.temperature <= 0 or params.top_k or params.top_p < 1:
+        raise ValueError("rollouts sample from the whole distribution at a positive temperature (no top-k, top-p)")
+    rank, world_size = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
+    sampler = GumbelPolicy(policy, params.temperature, generator, rank, world_size)
+    all_finished = train.all_ranks_finished(runtime) if runtime is not None else None
+    gen = generate(sampler, prompt_ids, replace(params, temperature=0.0), eos_id, pad_id, all_finished=all_finished)
     device = gen.tokens.device
     prompt, prompt_mask = left_pad(prompt_ids, pad_id, device)  # (B, P) each
     R = gen.tokens.size(1)
@@ -326,10 +380,11 @@ def custom_scores(fn: RewardFn, name: str, prompts: list[str], responses: list[s
     return torch.tensor(out, dtype=torch.float32)
 
 
-def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig,
-                    beta: float) -> dict[str, torch.Tensor]:
+def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig, beta: float,
+                    runtime: train.Runtime | None = None) -> dict[str, torch.Tensor]:
     """3-4. From the scored rollout to what the update needs: the penalised scores (B,), per-token rewards
-    and KL (B, R), whitened advantages and returns (B, R). The KL here is the one that is logged."""
+    and KL (B, R), advantages whitened over the response tokens of every rank, and returns (B, R). The KL here
+    is the one that is logged."""
     mask = ro.response_mask.float()
     # A response cut off at max_new_tokens loses missing_end_penalty (TRL's missing_eos_penalty), so that
     # rambling on is never a way around a reward model that dislikes how an answer ends.
@@ -337,16 +392,17 @@ def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig
     rewards, kl = compute_rewards(scores, scored["old_logp"], scored["ref_logp"], mask, beta)
     adv, returns = compute_advantages(scored["old_values"], rewards, mask, cfg.gamma, cfg.lam)
     return {**scored, "mask": mask, "penalised_scores": scores, "rewards": rewards, "kl": kl,
-            "advantages": masked_whiten(adv, mask), "returns": returns}
+            "advantages": masked_whiten(adv, mask, runtime=runtime), "returns": returns}
 
 
-def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: float) -> dict[str, float]:
-    """What the rollouts say, under TRL's names; sums over each response's tokens, means over responses."""
+def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: float,
+                    runtime: train.Runtime | None = None) -> dict[str, float]:
+    """What the rollouts say, under TRL's names; sums over each response's tokens, means over the responses
+    (of every rank: each holds as many, so the mean of the ranks' means)."""
     kl = exp["kl"].sum(1)  # (B,)
     non_score = -beta * kl
-    return {
+    means = {
         "objective/kl": float(kl.mean()),
-        "objective/kl_coef": beta,
         "objective/entropy": float(-(exp["old_logp"] * exp["mask"]).sum(1).mean()),
         "objective/scores": float(exp["scores"].mean()),
         "objective/non_score_reward": float(non_score.mean()),
@@ -354,6 +410,9 @@ def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: flo
         "val/ended": float(ended.float().mean()),
         "val/response_length": float(exp["mask"].sum(1).mean()),
     }
+    if runtime is not None and runtime.distributed:
+        means = {k: v / runtime.world_size for k, v in train.all_reduce_sums(means, runtime).items()}
+    return {"objective/kl_coef": beta, **means}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,7 +425,10 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
                ptx: PretrainWindows | None = None) -> dict[str, float]:
     """5. cfg.ppo_epochs passes over the rollout batch in cfg.minibatches shuffled minibatches, one optimizer
     step of the policy and of the value model per minibatch. Returns the mean of each statistic, and the
-    ratio and approximate KL of the very first minibatch (1 and 0: nothing has moved yet)."""
+    ratio and approximate KL of the very first minibatch (1 and 0: nothing has moved yet).
+
+    Under torchrun (the models wrapped by `train.prepare_model`) a minibatch is every rank's share of its own
+    shuffled rollouts; its losses and statistics are means over the tokens of every rank."""
     B = ro.ids.size(0)
     if B % cfg.minibatches:
         raise UserError(f"the batch of {B} rollouts does not split into {cfg.minibatches} equal minibatches")
@@ -383,39 +445,43 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
         for s in range(0, B, mb):
             idx = order[s:s + mb]
             ids, amask, mask = ro.ids[idx], ro.attention_mask[idx], exp["mask"][idx]
+            n = all_reduce(mask.sum(), runtime).clamp(min=1)  # the minibatch's response tokens on every rank
             with runtime.autocast():
                 logp = response_logprobs(policy, ids, amask, ro.prompt_len, cfg.temperature)
                 values = response_values(value_model, ids, amask, ro.prompt_len)
-            pl, pstats = policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], mask, cfg.clip)
-            vl, vstats = value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask, cfg.value_clip)
+            pl, pstats = policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], mask, cfg.clip, n)
+            vl, vstats = value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask, cfg.value_clip, n)
             loss = pl + vl
-            if ptx is not None:
-                w = {k: v.to(ro.ids.device) for k, v in ptx.batch(mb).items()}
+            if ptx is not None:  # this rank's rows of the windows drawn for the whole minibatch
+                w = train.rank_rows(ptx.batch(mb * runtime.world_size), runtime)
+                w = {k: v.to(ro.ids.device) for k, v in w.items()}
                 with runtime.autocast():
                     logits = policy(w["ids"])
-                ptx_loss = train.token_cross_entropy(logits, w["labels"]) / w["labels"].numel()
+                ptx_loss = train.token_cross_entropy(logits, w["labels"]) / (w["labels"].numel() * runtime.world_size)
                 loss = loss + cfg.ptx_coef * ptx_loss
                 pstats["loss/ptx"] = float(ptx_loss.detach())
-            if not torch.isfinite(loss.detach()):
-                raise train.DivergedError(f"PPO loss is {float(loss.detach())} (policy {float(pl.detach())}, "
-                                          f"value {float(vl.detach())}); "
-                                          "try a lower --lr or a higher --beta")
+            ratio_maxdev = pstats.pop("policy/ratio_maxdev")
+            row = train.all_reduce_sums({**pstats, **vstats, "loss/policy": float(pl.detach()),
+                                         "loss/value": float(vl.detach())}, runtime)
+            total = row["loss/policy"] + row["loss/value"] + cfg.ptx_coef * row.get("loss/ptx", 0.0)
+            if not math.isfinite(total):  # the same sums on every rank: all of them stop here
+                raise train.DivergedError(f"PPO loss is {total} (policy {row['loss/policy']}, "
+                                          f"value {row['loss/value']}); try a lower --lr or a higher --beta")
             opt_p.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
-            loss.backward()
+            # each rank's loss is its share of the minibatch's mean; DDP and FSDP average gradients over ranks
+            (loss * runtime.world_size).backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
             opt_p.step()
             opt_v.step()
-            row = {**pstats, **vstats, "loss/policy": float(pl.detach()), "loss/value": float(vl.detach())}
             if not first:
-                first = {"policy/first_ratio_maxdev": row["policy/ratio_maxdev"],
-                         "policy/first_approxkl": row["policy/approxkl"]}
+                maxdev = all_reduce(torch.tensor(ratio_maxdev, device=ro.ids.device), runtime, op="max")
+                first = {"policy/first_ratio_maxdev": float(maxdev), "policy/first_approxkl": row["policy/approxkl"]}
             for k, v in row.items():
                 stats.setdefault(k, []).append(v)
-    out = {k: float(np.mean(v)) for k, v in stats.items() if k != "policy/ratio_maxdev"}
-    return out | first
+    return {k: float(np.mean(v)) for k, v in stats.items()} | first
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -491,6 +557,7 @@ def ppo_command(
     seed: int = 1337,
     device: str = "auto",
     dtype: str = "auto",
+    fsdp: bool = False,
     resume: bool = False,
 ) -> None:
     """PPO (and PPO-ptx with --ptx-coef and --ptx-data) against a reward model or a custom reward.
@@ -504,7 +571,7 @@ def ppo_command(
             responses), two lists of strings (the last user message, the decoded response), to one float each.
         value_init: value-model initialisation (default: the reward model, as in the paper; with
             --reward-fn, the policy with a fresh scalar head).
-        batch_size: prompts per rollout batch (one response each); a multiple of minibatches.
+        batch_size: prompts per rollout batch and process (one response each); a multiple of minibatches.
         max_steps: rollout batches (each followed by ppo_epochs x minibatches optimizer steps).
         max_new_tokens: longest response; one cut off here gets missing_end_penalty.
         temperature: sampling temperature of the rollouts (log-probabilities are taken at the same one).
@@ -529,6 +596,8 @@ def ppo_command(
         seed: seeds sampling, prompt order, minibatch order and pretraining windows.
         device: auto, cpu, cuda, cuda:N.
         dtype: auto, float32 or bfloat16 (autocast; log-probabilities in fp32).
+        fsdp: under torchrun, shard the models (and the trained ones' gradients and optimizer states) over the
+            ranks (FSDP2) instead of replicating them (DDP).
         resume: continue from the latest checkpoint in OUT.
     """
     t0 = time.time()
@@ -552,7 +621,7 @@ def ppo_command(
     tcfg = train.TrainConfig(batch_size=batch_size, lr=lr, min_lr=lr, warmup_steps=warmup_steps,
                              max_steps=max_steps, weight_decay=0.0, grad_clip=grad_clip, seed=seed, device=device,
                              dtype=dtype, compile=False, log_interval=log_interval,
-                             checkpoint_interval=checkpoint_interval)
+                             checkpoint_interval=checkpoint_interval, fsdp=fsdp)
     fn = load_reward_fn(reward_fn) if reward_fn else None
     runtime = train.setup(tcfg)
     dev = runtime.device
@@ -570,6 +639,13 @@ def ppo_command(
     ema_model = None
     if ema > 0:
         ema_model = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
+    # DDP or FSDP wrappers for the update; rollouts, scoring and checkpoints use the models themselves
+    # (sharded in place by FSDP, together with the frozen ones, whose forwards every rank runs in step)
+    fwd_p, fwd_v = train.prepare_model(pol, runtime), train.prepare_model(value_model, runtime)
+    if runtime.fsdp:
+        for m in (ref, rm, ema_model):
+            if m is not None:
+                train.shard_model(m, runtime)
     opt_p = train.make_optimizer(pol, tcfg, runtime)
     opt_v = train.make_optimizer(value_model, tcfg, runtime)
     kl_ctl = AdaptiveKL(beta, kl_target, cfg.kl_horizon)
@@ -588,7 +664,7 @@ def ppo_command(
     items, prompt_ids = encode_prompts(tok, raw_prompts, pol.config.block_size, max_new_tokens)
     sampler = EpochSampler(len(items), seed)
     rng = np.random.default_rng([seed, 3])  # minibatch order
-    generator = torch.Generator(device=dev).manual_seed(seed)  # sampling
+    generator = torch.Generator(device=dev).manual_seed(seed)  # sampling noise of the global batch (every rank)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
 
     ckpt = train.Checkpointer(out, keep_last=2)
@@ -605,7 +681,7 @@ def ppo_command(
         if ptx:
             ptx.restore(state["ptx"])
     out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step)
+    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
     samples_path = out / "samples.jsonl"
     stage = "ppo-ptx" if ptx else "ppo"
 
@@ -617,11 +693,12 @@ def ppo_command(
         ckpt.save(step, models, optimizers, state)
 
     progress = train.Progress(max_steps, stage, start=step)
+    W = runtime.world_size
     while step < max_steps:
         step_t0 = time.time()
-        # 1. rollout
-        idx = sampler.take(batch_size)
-        ro = rollout(pol, [prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, generator)
+        # 1. rollout: every rank its slice of the global batch of prompts
+        idx = train.rank_rows(sampler.take(batch_size * W), runtime)
+        ro = rollout(pol, [prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, generator, runtime)
         texts = [tok.decode(r) for r in ro.response_lists()]
         t_gen = time.time() - step_t0
         # 2. score: old and reference log-probabilities, values, and the reward of each response
@@ -630,21 +707,21 @@ def ppo_command(
             prompt_texts = [items[i].messages[-1]["content"] for i in idx]
             scored["scores"] = custom_scores(fn[1], fn[0], prompt_texts, texts).to(dev)
         # 3-4. rewards with the KL penalty, advantages
-        exp = make_experience(ro, scored, cfg, kl_ctl.beta)
+        exp = make_experience(ro, scored, cfg, kl_ctl.beta, runtime)
         t_score = time.time() - step_t0 - t_gen
         # 5. update
-        upd = ppo_update(pol, value_model, opt_p, opt_v, ro, exp, cfg, runtime, rng, train.lr_at(step, tcfg),
+        upd = ppo_update(fwd_p, fwd_v, opt_p, opt_v, ro, exp, cfg, runtime, rng, train.lr_at(step, tcfg),
                          grad_clip, ptx)
         if ema_model is not None:
             ema_update(ema_model, pol, cfg.ema)
         step += 1
-        row = {"step": step, "episode": step * batch_size, "lr": train.lr_at(step - 1, tcfg),
-               **rollout_metrics(exp, ro.ended, kl_ctl.beta), **upd,
+        row = {"step": step, "episode": step * batch_size * W, "lr": train.lr_at(step - 1, tcfg),
+               **rollout_metrics(exp, ro.ended, kl_ctl.beta, runtime), **upd,
                "time/generate": t_gen, "time/score": t_score, "time/step": time.time() - step_t0}
-        kl_ctl.update(row["objective/kl"], batch_size)
+        kl_ctl.update(row["objective/kl"], batch_size * W)
         if step % log_interval == 0:
             log.write(row)
-        if sample_interval and step % sample_interval == 0:
+        if runtime.is_main and sample_interval and step % sample_interval == 0:
             with samples_path.open("a") as f:
                 for j in range(min(4, len(idx))):
                     f.write(json.dumps({"step": step, "prompt": items[idx[j]].messages[-1]["content"],
@@ -657,6 +734,8 @@ def ppo_command(
 
     final = ema_model if ema_model is not None else pol
     ckpt.export(final, extra={"stage": stage})
+    if not runtime.is_main:
+        return
     shutil.copy(policy_dir / "tokenizer.json", out / "tokenizer.json")
     summary = {"stage": stage, "steps": step, "seconds": time.time() - t0}
     (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
