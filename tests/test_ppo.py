@@ -1,12 +1,14 @@
-"""PPO and PPO-ptx: GAE against a for-loop twin, rewards at the last real token, ratio 1 at the first
-minibatch, the logged KL is the KL in the rewards, learning (reward-model score and a custom reward), exact
-resume, loud failures and empty responses. Tiny models built once per module; the file runs in seconds."""
+"""PPO and PPO-ptx: GAE against a for-loop twin, rollouts that sample what the engine's sampler does and
+give each row its own noise, rewards at the last real token, ratio 1 at the first minibatch, the logged KL
+is the KL in the rewards, learning (reward-model score and a custom reward), exact resume, loud failures and
+empty responses. Tiny models built once per module; the file runs in seconds."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,9 +18,10 @@ from instructgpt import train
 from instructgpt.chat import render_prompt
 from instructgpt.checkpoint import load_model, load_tensors, save_model
 from instructgpt.errors import UserError
-from instructgpt.generate import SamplingParams
+from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig, ScalarModel
 from instructgpt.ppo import (
+    GumbelPolicy,
     PPOConfig,
     compute_advantages,
     compute_rewards,
@@ -155,6 +158,28 @@ def test_vectorised_gae_equals_loop(gamma: float, lam: float) -> None:
     torch.testing.assert_close(ret, torch.tensor(want_ret, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     adv32, _ = compute_advantages(values.float(), rewards.float(), mask.float(), gamma, lam)
     torch.testing.assert_close(adv32, torch.tensor(want_adv, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def test_rollouts_sample_like_the_engine_and_each_row_with_its_own_noise(world) -> None:
+    """Greedy decoding of GumbelPolicy's noisy logits draws what the engine's own sampler (torch.multinomial)
+    draws from the same generator; and rank 1 of 2, holding the second half of the batch, samples for its rows
+    what one process with the whole batch samples for them."""
+    tok = world["tok"]
+    policy, *_ = policy_and_friends(world)
+    ids = prompt_ids(tok, ["the cat sat", "a dog", "run by us", "big red mat", "saw", "on a mat", "and the", "red"])
+    params = SamplingParams(max_new_tokens=12, temperature=0.7)
+    ro = rollout(policy, ids, params, tok.eos_id, tok.pad_id, torch.Generator().manual_seed(0))
+    responses = ro.response_lists()
+    assert len({tuple(r) for r in responses}) == len(ids)  # sampled: the check can fail
+    engine = generate(policy, ids, params, tok.eos_id, tok.pad_id, torch.Generator().manual_seed(0))
+    assert engine.token_lists() == responses
+    rank1 = GumbelPolicy(policy, params.temperature, torch.Generator().manual_seed(0), rank=1, world_size=2)
+    half = generate(rank1, ids[4:], replace(params, temperature=0.0), tok.eos_id, tok.pad_id)
+    assert half.token_lists() == responses[4:]
 
 
 # ----------------------------------------------------------------------------------------------------
