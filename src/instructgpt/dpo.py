@@ -240,19 +240,24 @@ def dpo_command(
     if not trn:
         raise UserError(f"no training pairs left after holding out {len(val)} for validation")
 
-    # 2. the reference's log-probabilities, once for the whole run; then the reference is freed
-    ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
-    if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
-        train.shard_model(ref, runtime)
-    with runtime.autocast():
-        reference_logprobs(ref, trn, tok.pad_id, dev)
-        reference_logprobs(ref, val, tok.pad_id, dev)
-    del ref
-
     # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
     steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
     tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     every = eval_interval or max(1, total_steps // 5)
+
+    # 2. the reference's log-probabilities, once for the whole run, of the pairs the run will visit (a
+    # replay of the sampler: a short run over many pairs scores only its steps' pairs); then it is freed
+    ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
+    if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
+        train.shard_model(ref, runtime)
+    replay = EpochSampler(len(trn), seed)
+    per_step = batch_size * grad_accum * runtime.world_size
+    visited = sorted({i for _ in range(total_steps) for i in replay.take(per_step)})
+    with runtime.autocast():
+        reference_logprobs(ref, [trn[i] for i in visited], tok.pad_id, dev)
+        reference_logprobs(ref, val, tok.pad_id, dev)
+    del ref
+
     if not dropout:
         disable_dropout(model)
     fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
