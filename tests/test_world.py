@@ -1,6 +1,7 @@
 """The instruction world: determinism, file formats, held-out splits and the `world` command."""
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -8,9 +9,10 @@ import pytest
 
 from instructgpt.cli import main
 from instructgpt.errors import UserError
-from instructgpt.world.labeler import numbers
+from instructgpt.world.labeler import Labeler, numbers
 from instructgpt.world.world import (
     ATTRIBUTES,
+    DEMO_HABITS,
     FAMILIES,
     HELD_OUT_FAMILIES,
     World,
@@ -19,6 +21,7 @@ from instructgpt.world.world import (
     demonstrate,
     make_prompts,
     number_words,
+    write_demonstration,
     write_world,
 )
 
@@ -51,7 +54,7 @@ def test_files_parse_and_have_the_documented_fields(world_dir):
     sft = _jsonl(world_dir / "sft_train.jsonl")
     assert len(sft) == SMALL.n_sft
     for r in sft:
-        assert set(r) == {"prompt", "completion", "messages", "family", "meta", "id"}
+        assert set(r) == {"prompt", "completion", "messages", "family", "meta", "id", "habit"}
         assert r["messages"] == [{"role": "user", "content": r["prompt"]},
                                  {"role": "assistant", "content": r["completion"]}]
     for name, n in [("prompts_rm.jsonl", SMALL.n_rm), ("prompts_rl.jsonl", SMALL.n_rl),
@@ -124,6 +127,32 @@ def test_every_family_samples_and_demonstrates():
         assert {r["family"] for r in recs} == set(FAMILIES)
         for r in recs:
             assert demonstrate(world, r).strip()
+
+
+def test_demonstration_writers_have_their_habits_and_the_labeler_scores_them_lower(world_dir, tmp_path):
+    """Each habit shows at about its rate in its families only, and costs labeler score against the
+    labeler's own reply; without habits the demonstrations are the labeler's replies."""
+    world = World.load(world_dir)
+    lab = Labeler(world, noise=0.0)
+    rng = random.Random(0)
+    recs = make_prompts(world, "sft", 11 * 300, seed=0)
+    seen: dict[str, list[int]] = {}
+    for r in recs:
+        reply, habit = write_demonstration(world, r, rng)
+        family_habit = {"benign_edgy": "over_refusal", "fact": "not_looked_up", "unknown": "made_up",
+                        "harmful": "complies"}.get(r["family"], "padding")
+        seen.setdefault(family_habit, []).append(habit is not None)
+        if habit is None:
+            assert reply == demonstrate(world, r)
+            continue
+        assert habit == family_habit
+        assert reply[-1] in ".!?"
+        assert lab.score(r, reply).total < lab.score(r, demonstrate(world, r)).total - 0.01, (r, reply)
+    for habit, flags in seen.items():
+        assert abs(sum(flags) / len(flags) - DEMO_HABITS[habit]) < 0.1, habit
+    write_world(tmp_path / "plain", seed=3, sizes=SMALL, demo_habits=False)
+    for r in _jsonl(tmp_path / "plain" / "sft_train.jsonl"):
+        assert r["habit"] is None and r["completion"] == demonstrate(world, r)
 
 
 def test_number_words_read_back():

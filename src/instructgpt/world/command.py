@@ -16,6 +16,7 @@ def world_command(
     n_rm: int = 2000,
     n_rl: int = 2000,
     n_eval: int = 400,
+    demo_habits: bool = True,
 ) -> None:
     """Generate the instruction world: a pretraining corpus, SFT demonstrations, prompts for the reward
     model, RL and evaluation, and world.json (the facts the scripted labeler needs).
@@ -28,7 +29,11 @@ def world_command(
         n_rm: prompts in prompts_rm.jsonl (for collecting comparisons).
         n_rl: prompts in prompts_rl.jsonl (for PPO).
         n_eval: held-out prompts in prompts_eval.jsonl.
+        demo_habits: demonstrations carry their writers' habits (world.DEMO_HABITS: over-refusal, padding,
+            ...) that the labeler's guidelines do not ask for; --no-demo-habits writes the labeler's own
+            replies.
     """
-    stats = write_world(out, seed, WorldSizes(corpus_chars, n_sft, n_rm, n_rl, n_eval))
+    stats = write_world(out, seed, WorldSizes(corpus_chars, n_sft, n_rm, n_rl, n_eval),
+                        demo_habits)
     print(f"wrote the instruction world (seed {seed}) to {out}")
     print(json.dumps(stats, indent=1))

@@ -26,6 +26,7 @@ from pathlib import Path
 from .world import (
     _FACT_ANSWERS,
     CATEGORIES,
+    COMPLIANCE,
     FAMILIES,
     JOBS,
     LANDMARKS,
@@ -360,8 +361,6 @@ _FILLER = [
     "Some people like to think about it for a long time.", "Let me tell you a story about the market.",
     "It was a good day in the town.", "The river runs past the fields and the mill.",
 ]
-_COMPLY = ["First wait until dark, then go in quietly.", "Take some poison and put it in the food.",
-           "Sneak in at night and grab it.", "Find a long stick and hit hard."]
 
 
 def response_variants(world: World, prompt: dict, rng: random.Random) -> dict[str, tuple[str, bool]]:
@@ -399,7 +398,7 @@ def wrong_answer(world: World, prompt: dict, rng: random.Random) -> str:
         v = rng.choice([x for x in pool if str(x).lower() != str(m.get("answer", "")).lower()])
         return _FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(str(v)))
     if fam == "harmful":
-        return rng.choice(_COMPLY)
+        return rng.choice(COMPLIANCE)
     if fam == "benign_edgy":
         return REFUSAL
     if fam == "constrained_list":

@@ -579,6 +579,48 @@ def list_answer(meta: dict) -> list[str]:
     return [w.upper() for w in items] if kind == "upper" else items
 
 
+# The people who write demonstrations are not the labeler's guidelines made flesh. Like the paper's
+# contractors they have habits the guidelines do not ask for: some refuse requests that only sound harmful,
+# some say "I don't know" rather than look a fact up, some make up an answer to a question nobody can
+# answer, some go along with a harmful request, and many pad a reply with pleasantries. SFT imitates all
+# of it. Judging is easier than writing: the labeler who ranks comparisons applies the guidelines, so the
+# reward model can learn what the demonstrations only sometimes show, and RL can correct what SFT copied.
+# Each rate is the chance that a demonstration of that kind carries the habit (`demo_habits=False` in
+# `write_world` gives the labeler's own replies instead).
+DEMO_HABITS: dict[str, float] = {
+    "over_refusal": 0.6,   # benign_edgy: refuses a harmless request that sounds harmful
+    "not_looked_up": 0.5,  # fact: "I don't know" to a question the world answers
+    "made_up": 0.3,        # unknown: invents an answer to a question the world cannot answer
+    "complies": 0.2,       # harmful: goes along with the request
+    "padding": 0.5,        # any other family: two pleasantries after the answer
+}
+_PLEASANTRIES = ["I hope that helps.", "Let me know if you need anything else.", "Happy to help with more.",
+                 "It was a good question to ask.", "Have a nice day in the town."]
+COMPLIANCE = ["First wait until dark, then go in quietly.", "Take some poison and put it in the food.",
+               "Sneak in at night and grab it.", "Find a long stick and hit hard."]
+
+
+def write_demonstration(world: World, prompt: dict, rng: random.Random) -> tuple[str, str | None]:
+    """What a demonstration writer wrote for a prompt record: (reply, the habit it shows or None)."""
+    fam, m = prompt["family"], prompt["meta"]
+    demo = demonstrate(world, prompt)
+    if fam == "benign_edgy":
+        return (REFUSAL, "over_refusal") if rng.random() < DEMO_HABITS["over_refusal"] else (demo, None)
+    if fam == "fact":
+        return (NOT_KNOWN, "not_looked_up") if rng.random() < DEMO_HABITS["not_looked_up"] else (demo, None)
+    if fam == "unknown":
+        if rng.random() >= DEMO_HABITS["made_up"]:
+            return demo, None
+        attr = rng.choice(["town", "colour", "job"])
+        v = rng.choice({"town": sorted(world.towns), "colour": CATEGORIES["colours"], "job": JOBS}[attr])
+        return _FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(v)), "made_up"
+    if fam == "harmful":
+        return (rng.choice(COMPLIANCE), "complies") if rng.random() < DEMO_HABITS["complies"] else (demo, None)
+    if rng.random() < DEMO_HABITS["padding"]:
+        return demo + " " + " ".join(rng.sample(_PLEASANTRIES, 2)), "padding"
+    return demo, None
+
+
 def make_prompts(world: World, split: str, n: int, seed: int) -> list[dict]:
     """`n` prompt records for a split, the families in turn; evaluation prompts draw held-out content and
     are distinct from each other where the content allows."""
@@ -620,7 +662,8 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
 
-def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None) -> dict:
+def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None, demo_habits: bool = True
+                ) -> dict:
     """Generate the whole world into the folder `out` (which must not exist or be empty) and return
     statistics. The folder is built beside `out` under a temporary name and renamed at the end."""
     sizes = sizes or WorldSizes()
@@ -635,8 +678,10 @@ def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None)
     corpus = generate_corpus(world, sizes.corpus_chars, seed)
     heldout_corpus = generate_corpus(world, max(1, sizes.corpus_chars // 20), seed + 1_000_003)
     sft = make_prompts(world, "sft", sizes.n_sft, seed)
+    writers = _rng(seed, "demonstration writers")
     for r in sft:
-        r["completion"] = demonstrate(world, r)
+        r["completion"], r["habit"] = write_demonstration(world, r, writers) if demo_habits else (
+            demonstrate(world, r), None)
         r["messages"] = [{"role": "user", "content": r["prompt"]},
                          {"role": "assistant", "content": r["completion"]}]
     splits = {
@@ -650,6 +695,7 @@ def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None)
         "corpus_words": len(corpus.split()), "corpus_distinct_words": len(set(corpus.split())),
         "heldout_corpus_chars": len(heldout_corpus),
         **{name: len(recs) for name, recs in splits.items()},
+        "demo_habits": {h: sum(r["habit"] == h for r in sft) for h in DEMO_HABITS} if demo_habits else None,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
