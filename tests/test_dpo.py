@@ -123,6 +123,21 @@ def test_reference_logprobs_are_computed_once(world_dpo: dict) -> None:
     assert world_dpo["ref_rows"] == 2 * (s["pairs"] + s["val_pairs"])
 
 
+def test_a_short_run_scores_only_the_pairs_it_visits(world_dpo: dict, tmp_path: Path, monkeypatch) -> None:
+    """3 steps of 16 pairs out of 1600: the reference scores those 48 pairs (and the held-out ones), not all;
+    the steps see the same pairs and losses as the first 3 steps of the full epoch run."""
+    scored = []
+    real = dpo_module.reference_logprobs
+    monkeypatch.setattr(dpo_module, "reference_logprobs", lambda ref, pairs, *a, **k: (
+        scored.append(len(pairs)), real(ref, pairs, *a, **k))[1])
+    dpo_command(world_dpo["sft"], [world_dpo["rankings"]], tmp_path / "short", val_fraction=0.2, max_steps=3,
+                batch_size=16, lr=1e-3, warmup_steps=4, eval_interval=50, device="cpu")
+    assert scored == [48, world_dpo["summary"]["val_pairs"]]
+    short = [json.loads(line) for line in open(tmp_path / "short" / "metrics.jsonl")]
+    full = [json.loads(line) for line in open(world_dpo["out"] / "metrics.jsonl")][:3]
+    assert [r["loss"] for r in short] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+
+
 def test_dpo_logs_reward_metrics_every_step(world_dpo: dict) -> None:
     rows = [json.loads(line) for line in open(world_dpo["out"] / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, world_dpo["summary"]["steps"] + 1))
