@@ -14,7 +14,6 @@ rewards/accuracy (share of pairs with r(y_w) > r(y_l), ties half) and rewards/ma
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -240,9 +239,7 @@ def dpo_command(
     if not trn:
         raise UserError(f"no training pairs left after holding out {len(val)} for validation")
 
-    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
-    tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
     every = eval_interval or max(1, total_steps // 5)
 
     # 2. the reference's log-probabilities, once for the whole run, of the pairs the run will visit (a
@@ -251,7 +248,7 @@ def dpo_command(
     if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
         train.shard_model(ref, runtime)
     replay = EpochSampler(len(trn), seed)
-    per_step = batch_size * grad_accum * runtime.world_size
+    per_step = train.examples_per_step(tcfg, runtime)
     visited = sorted({i for _ in range(total_steps) for i in replay.take(per_step)})
     with runtime.autocast():
         reference_logprobs(ref, [trn[i] for i in visited], tok.pad_id, dev)

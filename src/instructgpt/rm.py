@@ -20,7 +20,6 @@ that `collect` writes) is encoded without the end token, as PPO scores such a ro
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -336,9 +335,7 @@ def rm_command(
     L = min(max_length or model.config.block_size, model.config.block_size)
     trn = encode_comparisons(tok, trn_c, L)
     val = encode_comparisons(tok, val_c, L)
-    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
-    tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
     every = eval_interval or max(1, total_steps // 5)
 
     # 2. model, optimizer, data order; restored from the latest checkpoint on --resume

@@ -550,9 +550,7 @@ def sft_command(
         dtype=dtype, compile=compile, log_interval=log_interval, fsdp=fsdp,
     )
     runtime = train.setup(tcfg)
-    # each step takes batch_size x grad_accum x world_size examples, every rank its own slice (rank_rows)
-    steps_per_epoch = math.ceil(len(trn) / (batch_size * grad_accum * runtime.world_size))
-    tcfg.max_steps = total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
     if warmup_steps is None:
         tcfg.warmup_steps = max(1, round(0.05 * total_steps))
     eval_every = eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))

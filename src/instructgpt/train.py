@@ -308,6 +308,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> torc
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def examples_per_step(cfg: TrainConfig, runtime: Runtime) -> int:
+    """Examples in one optimizer step: batch_size x grad_accum on every rank (each its slice, `rank_rows`)."""
+    return cfg.batch_size * cfg.grad_accum * runtime.world_size
+
+
+def epoch_schedule(n_examples: int, epochs: float, max_steps: int | None, cfg: TrainConfig,
+                   runtime: Runtime) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `epochs` passes over n_examples, or max_steps when given; sets
+    cfg.max_steps to the total (the learning-rate schedule's length)."""
+    steps_per_epoch = math.ceil(n_examples / examples_per_step(cfg, runtime))
+    cfg.max_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    return steps_per_epoch, cfg.max_steps
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over warmup_steps (step 0 gets lr / warmup_steps), then a cosine from lr down to
     min_lr at max_steps, min_lr after."""
