@@ -287,6 +287,7 @@ def dpo_command(
 
     progress = train.Progress(total_steps, "dpo", start=step)
     model.train()
+    after = None  # the held-out metrics of the last step, evaluated once
     while step < total_steps:
         micro = [pair_batch(trn, train.rank_rows(sampler.take(batch_size * runtime.world_size), runtime), tok.pad_id,
                             dev) for _ in range(grad_accum)]
@@ -300,6 +301,7 @@ def dpo_command(
         if val and (step % every == 0 or step == total_steps):
             ev = evaluate(model, val, tok.pad_id, beta, dev)
             row |= {f"eval/{k}": v for k, v in ev.items() if k != "rewards/accuracy"}
+            after = ev if step == total_steps else None
         if step % log_interval == 0 or "eval/accuracy" in row:
             log.write(row)
         if step % checkpoint_interval == 0 or step == total_steps:
@@ -309,7 +311,8 @@ def dpo_command(
     progress.close()
 
     # 4. save; done.json last
-    after = evaluate(model, val, tok.pad_id, beta, dev) if val else None
+    if val and after is None:  # a resumed run that had already finished its steps
+        after = evaluate(model, val, tok.pad_id, beta, dev)
     ckpt.export(model, extra={"stage": "dpo", "beta": beta})
     summary = {"stage": "dpo", "steps": step, "pairs": len(trn), "val_pairs": len(val), "beta": beta,
                "val_accuracy_before": before["accuracy"] if before else None,
