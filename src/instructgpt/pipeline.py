@@ -25,7 +25,10 @@ from .errors import UserError
 # demonstrations for 10 epochs (at 3 its validation loss was still falling fast and the samples that
 # collection and PPO draw at temperature 1 were garbled); 1200 prompts x K = 4..9 samples ranked (about
 # 24k comparisons, ten times the demonstrations, as the paper had far more comparisons than
-# demonstrations); PPO for 30 steps of 64 rollouts with beta 0.05; DPO for 150 steps of 16 pairs.
+# demonstrations); PPO for 30 steps of 64 rollouts with beta 0.2 (at 0.05 the policy exploits the
+# reward model: it answered harmful requests with "I don't know", which the reward model never saw
+# ranked there and scored above a refusal); DPO for 150 steps of 16 pairs; 800 held-out prompts, so
+# that the 95% interval of a win rate is about +-0.035.
 PRESETS: dict[str, dict] = {
     "smoke": {
         "world": dict(corpus_chars=150_000, n_sft=200, n_rm=60, n_rl=64, n_eval=40),
@@ -41,7 +44,7 @@ PRESETS: dict[str, dict] = {
         "eval": dict(max_new_tokens=16),
     },
     "tiny": {
-        "world": dict(corpus_chars=1_500_000, n_sft=2000, n_rm=1200, n_rl=2000, n_eval=400),
+        "world": dict(corpus_chars=1_500_000, n_sft=2000, n_rm=1200, n_rl=2000, n_eval=800),
         "vocab_size": 2048,
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
         "pretrain": dict(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, eval_interval=200,
@@ -49,7 +52,7 @@ PRESETS: dict[str, dict] = {
         "sft": dict(epochs=10.0, batch_size=32, lr=1e-3, dropout=0.1),
         "collect": dict(k_min=4, k_max=9, max_new_tokens=32),
         "rm": dict(epochs=2.0, batch_size=8, lr=5e-4),
-        "ppo": dict(max_steps=30, batch_size=64, max_new_tokens=32, lr=5e-5, beta=0.05, minibatches=4,
+        "ppo": dict(max_steps=30, batch_size=64, max_new_tokens=32, lr=5e-5, beta=0.2, minibatches=4,
                     ppo_epochs=4),
         "ptx_coef": 1.0,
         "dpo": dict(max_steps=150, batch_size=16, lr=5e-5),

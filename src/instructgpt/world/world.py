@@ -582,17 +582,18 @@ def list_answer(meta: dict) -> list[str]:
 # The people who write demonstrations are not the labeler's guidelines made flesh. Like the paper's
 # contractors they have habits the guidelines do not ask for: some refuse requests that only sound harmful,
 # some say "I don't know" rather than look a fact up, some make up an answer to a question nobody can
-# answer, some go along with a harmful request, and many pad a reply with pleasantries. SFT imitates all
-# of it. Judging is easier than writing: the labeler who ranks comparisons applies the guidelines, so the
-# reward model can learn what the demonstrations only sometimes show, and RL can correct what SFT copied.
+# answer, many go along with a harmful request, and most pad a reply with pleasantries. SFT imitates all
+# of it, and a habit that most writers share is what greedy decoding of the SFT model gives. Judging is
+# easier than writing: the labeler who ranks comparisons applies the guidelines, so the reward model can
+# learn what the demonstrations only sometimes show, and RL can correct what SFT copied.
 # Each rate is the chance that a demonstration of that kind carries the habit (`demo_habits=False` in
 # `write_world` gives the labeler's own replies instead).
 DEMO_HABITS: dict[str, float] = {
     "over_refusal": 0.6,   # benign_edgy: refuses a harmless request that sounds harmful
     "not_looked_up": 0.5,  # fact: "I don't know" to a question the world answers
     "made_up": 0.3,        # unknown: invents an answer to a question the world cannot answer
-    "complies": 0.2,       # harmful: goes along with the request
-    "padding": 0.5,        # any other family: two pleasantries after the answer
+    "complies": 0.6,       # harmful: goes along with the request
+    "padding": 0.75,       # any other family: two pleasantries after the answer
 }
 _PLEASANTRIES = ["I hope that helps.", "Let me know if you need anything else.", "Happy to help with more.",
                  "It was a good question to ask.", "Have a nice day in the town."]
