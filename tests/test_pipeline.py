@@ -65,3 +65,20 @@ def test_a_run_folder_of_another_preset_is_refused(run):
     with pytest.raises(SystemExit) as e:
         main(["pipeline", "--preset", "tiny", "--out", str(run)])
     assert e.value.code == 2
+
+
+def test_a_run_folder_with_other_demonstration_habits_is_refused(run, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--preset", "smoke", "--out", str(run), "--no-demo-habits"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed 0 and with demonstration habits" in err and "choose another --out" in err
+
+
+def test_no_demo_habits_gives_the_labelers_own_demonstrations(tmp_path):
+    out = tmp_path / "plain"
+    main(["pipeline", "--preset", "smoke", "--out", str(out), "--no-demo-habits", "--stages", "world"])
+    records = [json.loads(line) for line in (out / "world" / "sft_train.jsonl").read_text().splitlines()]
+    assert records and all(r["habit"] is None for r in records)
+    assert json.loads((out / "world" / "world.json").read_text())["stats"]["demo_habits"] is None
+    assert json.loads((out / "pipeline.json").read_text())["demo_habits"] is False

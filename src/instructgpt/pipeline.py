@@ -87,6 +87,7 @@ def pipeline_command(
     seed: int = 0,
     device: str = "auto",
     stages: list[str] | None = None,
+    demo_habits: bool = True,
 ) -> None:
     """Run the whole InstructGPT recipe on the embedded instruction world, skipping finished stages.
 
@@ -96,6 +97,8 @@ def pipeline_command(
         seed: seeds the world and every stage.
         device: auto, cpu, cuda, cuda:N.
         stages: run only these stages (their inputs must exist), e.g. --stages eval report.
+        demo_habits: the world's demonstrations carry their writers' habits (see `instructgpt world`);
+            --no-demo-habits gives the labeler's own replies, a world in which SFT leaves RL little to fix.
     """
     from .collect import collect_command
     from .dpo import dpo_command
@@ -116,10 +119,12 @@ def pipeline_command(
     run.mkdir(parents=True, exist_ok=True)
     manifest_path = run / "pipeline.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if manifest and (manifest.get("preset"), manifest.get("seed")) != (preset, seed):
-        raise UserError(f"{run} holds a pipeline run with preset {manifest.get('preset')!r} and seed "
-                        f"{manifest.get('seed')}; choose another --out")
-    manifest |= {"preset": preset, "seed": seed, "config": p}
+    if manifest and (manifest.get("preset"), manifest.get("seed"), manifest.get("demo_habits", True)) != (
+            preset, seed, demo_habits):
+        habits = "with" if manifest.get("demo_habits", True) else "without"
+        raise UserError(f"{run} holds a pipeline run with preset {manifest.get('preset')!r}, seed "
+                        f"{manifest.get('seed')} and {habits} demonstration habits; choose another --out")
+    manifest |= {"preset": preset, "seed": seed, "demo_habits": demo_habits, "config": p}
     manifest.setdefault("stage_seconds", {})
 
     def stage(name: str, marker: Path, fn) -> None:
@@ -142,7 +147,7 @@ def pipeline_command(
     def do_world():
         if world.exists():
             shutil.rmtree(world)  # an earlier attempt stopped mid-way (no done marker)
-        world_command(out=world, seed=seed, **p["world"])
+        world_command(out=world, seed=seed, demo_habits=demo_habits, **p["world"])
         (world / "done.json").write_text("{}\n")
 
     def do_prepare():
