@@ -3,8 +3,18 @@ import math
 import pytest
 import torch
 
+from instructgpt import evaluate
 from instructgpt.data import Prompt
-from instructgpt.evaluate import heldout_loss, summarise, wilson_interval, win_rate
+from instructgpt.evaluate import (
+    FACT_CLOZE,
+    continuation_logprobs,
+    fact_cloze_accuracy,
+    fact_cloze_items,
+    heldout_loss,
+    summarise,
+    wilson_interval,
+    win_rate,
+)
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
 from instructgpt.tokenizer import Tokenizer
 from instructgpt.world.labeler import Labeler
@@ -51,3 +61,51 @@ def test_rates_count_what_they_name():
     assert s_good["labeler_score"] > s_refuse["labeler_score"]
     rate, (lo, hi) = win_rate(labeler, recs, good, refuse_all)
     assert rate > 0.75 and lo > 0.5
+
+
+def test_fact_cloze_items_ask_every_fact_after_true_examples_about_other_people():
+    world = build_world(seed=3)
+    items = fact_cloze_items(world, shots=2, seed=0)
+    assert len(items) == len(world.people) * len(FACT_CLOZE)
+    it = iter(items)
+    for p in world.people:
+        for attr, (prefix, _) in FACT_CLOZE.items():
+            context, cands, truth = next(it)
+            assert len(set(cands)) == len(cands) > 1
+            assert cands[truth].rstrip(".").split()[-1] == getattr(p, attr)
+            *examples, own = context.split(". ")
+            assert own == prefix.format(n=p.name) and len(examples) == 2
+            for sentence in examples:
+                name = sentence.split()[0].removesuffix("'s")
+                assert name != p.name
+                assert sentence.split()[-1] == getattr(world.by_name[name], attr)
+
+
+def test_continuation_logprobs_match_one_token_at_a_time_without_padding():
+    text = "the red fox sat by the river and the blue owl sang. " * 40
+    tok = Tokenizer.train_bpe([text], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    pairs = [("the red fox", " sat."), ("the blue owl sang by the", " river and the fox."), ("a", " owl"),
+             ("the river", " and the red fox sat by the blue owl.")]
+    fast = continuation_logprobs(model, tok, pairs, batch_size=3)   # padded batches of different lengths
+    for (context, cont), got in zip(pairs, fast):
+        ctx, x = [tok.bos_id] + tok.encode(context), tok.encode(cont)
+        total = 0.0
+        with torch.no_grad():
+            for k, t in enumerate(x):
+                total += torch.log_softmax(model(torch.tensor([ctx + x[:k]]))[0, -1].float(), -1)[t].item()
+        assert got == pytest.approx(total / len(x), abs=1e-5)
+
+
+def test_fact_cloze_accuracy_counts_the_items_whose_truth_is_likeliest(monkeypatch):
+    items = [("a", [" x.", " y.", " z."], 1), ("b", [" x.", " y."], 0), ("c", [" x.", " y.", " z."], 2)]
+    truths = {(c, cands[t]) for c, cands, t in items}
+    monkeypatch.setattr(evaluate, "continuation_logprobs",
+                        lambda model, tok, pairs: [0.0 if p in truths else -1.0 for p in pairs])
+    assert fact_cloze_accuracy(None, None, items) == 1.0
+    monkeypatch.setattr(evaluate, "continuation_logprobs",
+                        lambda model, tok, pairs: [-float(i % 3) for i, _ in enumerate(pairs)])
+    # scores per item: (0, -1, -2), (0, -1), (-2, 0, -1): the first item's likeliest is x, the second's x,
+    # the third's y
+    assert fact_cloze_accuracy(None, None, items) == pytest.approx(1 / 3)

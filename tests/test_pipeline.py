@@ -8,7 +8,7 @@ import pytest
 from instructgpt.cli import main
 
 MODEL_KEYS = {"win_rate_vs_sft", "win_rate_ci95", "labeler_score", "pretrain_val_loss", "hallucination_rate",
-              "refusal_rate", "over_refusal_rate", "constraint_rate", "per_family"}
+              "refusal_rate", "over_refusal_rate", "constraint_rate", "per_family", "few_shot_accuracy"}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,11 @@ def test_results_schema(run):
         lo, hi = m["win_rate_ci95"]
         assert 0.0 <= lo <= m["win_rate_vs_sft"] <= hi <= 1.0
         assert m["pretrain_val_loss"] > 0
+        assert 0.0 <= m["few_shot_accuracy"] <= 1.0
         for fam in m["per_family"].values():
             assert 0.0 <= fam["labeler_score"] <= 1.0 and fam["n"] > 0
     assert r["models"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert 0.0 < r["few_shot_chance"] < 0.2
     # PPO-ptx trains on pretraining text too, so its rollouts' metrics carry the ptx loss.
     rows = [json.loads(line) for line in (run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss/ptx" in row for row in rows)

@@ -6,8 +6,10 @@ For each model, greedy replies to held-out world prompts, then:
 - the labeler's score and correctness per task family;
 - hallucination on questions the world never answers, refusal of harmful requests and over-refusal of
   benign ones, constraint following (the paper's Figures 4-6 and TruthfulQA / RealToxicity analogues);
-- the alignment tax: loss on held-out pretraining text (the paper's performance regressions on public
-  NLP data sets, which PPO-ptx reduces).
+- the alignment tax (the paper's performance regressions on public NLP data sets, which PPO-ptx reduces):
+  loss on held-out pretraining text, and few-shot accuracy on the world's facts, scored by likelihood as
+  GPT-3 scored its multiple-choice benchmarks: after two example sentences, which value of a person's
+  town, colour, food, job or pet does the model find likeliest?
 The pretrained model is prompted few-shot in plain text, as the paper prompted GPT-3.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -28,9 +31,11 @@ from .collect import world_record
 from .data import read_prompts
 from .errors import UserError
 from .generate import SamplingParams, generate
+from .model import GPT
 from .tokenizer import Tokenizer
 from .train import Progress, resolve_device
 from .world.labeler import Labeler, admits_not_knowing, is_refusal
+from .world.world import FAVOURITE_COLOURS, FAVOURITE_FOODS, JOBS, PETS, World, article
 
 MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo")
 
@@ -115,6 +120,71 @@ def heldout_loss(model, tok: Tokenizer, text_path: Path, max_windows: int = 64) 
     return total / count
 
 
+# A fact sentence cut before its value, and the continuation that states the value, in forms the
+# pretraining corpus uses.
+FACT_CLOZE = {
+    "town": ("{n} lives in", " {v}."),
+    "colour": ("{n}'s favourite colour is", " {v}."),
+    "food": ("{n}'s favourite food is", " {v}."),
+    "job": ("{n} works as", " {a} {v}."),
+    "pet": ("{n} has a pet", " {v}."),
+}
+
+
+def fact_cloze_items(world: World, shots: int = 2, seed: int = 0) -> list[tuple[str, list[str], int]]:
+    """(context, candidate continuations, index of the true one) for every person and attribute of
+    FACT_CLOZE: `shots` true sentences of the same form about other people, then the person's sentence cut
+    before its value; the candidates are every value of that kind."""
+    rng = random.Random(seed)
+    options = {"town": sorted(world.towns), "colour": FAVOURITE_COLOURS, "food": FAVOURITE_FOODS, "job": JOBS,
+               "pet": PETS}
+    items = []
+    for p in world.people:
+        for attr, (prefix, cont) in FACT_CLOZE.items():
+            others = rng.sample([q for q in world.people if q.name != p.name], shots)
+            examples = [prefix.format(n=q.name) + cont.format(v=getattr(q, attr), a=article(getattr(q, attr)))
+                        for q in others]
+            context = " ".join([*examples, prefix.format(n=p.name)])
+            items.append((context, [cont.format(v=v, a=article(v)) for v in options[attr]],
+                          options[attr].index(getattr(p, attr))))
+    return items
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tok: Tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64) -> list[float]:
+    """Mean log-probability per token of each continuation after its context (BOS + context + continuation,
+    tokenised in two parts), in right-padded batches: causal attention keeps the padding out of every
+    scored position."""
+    seqs, spans = [], []
+    for context, cont in pairs:
+        c, x = [tok.bos_id] + tok.encode(context), tok.encode(cont)
+        ids = (c + x)[-model.config.block_size:]
+        seqs.append(ids)
+        spans.append((len(ids) - len(x), len(ids)))
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        T = max(len(q) for q in chunk)
+        ids = torch.tensor([q + [tok.pad_id] * (T - len(q)) for q in chunk], device=device)
+        logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)
+        tgt = logp.gather(-1, ids[:, 1:, None])[..., 0]      # (B, T-1): log p(token t+1 | tokens <= t)
+        for row, (a, b) in zip(tgt, spans[s:s + batch_size]):
+            out.append(float(row[a - 1:b - 1].mean()))
+    return out
+
+
+def fact_cloze_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str], int]]) -> float:
+    """Share of items whose true continuation is the likeliest (mean log-probability per token)."""
+    pairs = [(context, cand) for context, cands, _ in items for cand in cands]
+    scores = iter(continuation_logprobs(model, tok, pairs))
+    right = 0
+    for _, cands, truth in items:
+        s = [next(scores) for _ in cands]
+        right += int(max(range(len(s)), key=s.__getitem__) == truth)
+    return right / len(items)
+
+
 def summarise(labeler: Labeler, prompts, records, answers: list[tuple[str, bool]]) -> dict:
     """Labeler score, correctness and the behaviour rates of one model's replies."""
     per_family: dict[str, dict[str, list[float]]] = {}
@@ -168,6 +238,7 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
     records = [world_record(p) for p in items]
     answers: dict[str, list[tuple[str, bool]]] = {}
     results: dict[str, dict] = {}
+    cloze = fact_cloze_items(labeler.world, seed=seed)
     for name, folder in models.items():
         folder = Path(folder)
         tok = Tokenizer.load(folder / "tokenizer.json")
@@ -178,6 +249,7 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         results[name] = summarise(labeler, items, records, answers[name])
         if heldout_text is not None:
             results[name]["pretrain_val_loss"] = heldout_loss(model, tok, Path(heldout_text))
+        results[name]["few_shot_accuracy"] = fact_cloze_accuracy(model, tok, cloze) if isinstance(model, GPT) else None
     for name in models:
         if name == "sft":
             results[name]["win_rate_vs_sft"], results[name]["win_rate_ci95"] = 0.5, [0.5, 0.5]
@@ -186,7 +258,8 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
                 labeler, records, answers[name], answers["sft"])
     samples = [{"prompt": r["prompt"], "family": r["family"], **{m: answers[m][i][0] for m in models}}
                for i, r in enumerate(records)]
-    return {"models": results, "samples": samples, "prompts": len(items)}
+    chance = float(np.mean([1 / len(cands) for _, cands, _ in cloze]))
+    return {"models": results, "samples": samples, "prompts": len(items), "few_shot_chance": chance}
 
 
 def eval_command(
@@ -235,7 +308,7 @@ def print_table(results: dict) -> None:
 
     table = Table(title="Evaluation on held-out world prompts")
     cols = ["model", "win vs SFT (95% CI)", "labeler score", "hallucination", "refusal", "over-refusal",
-            "constraints", "pretrain loss"]
+            "constraints", "pretrain loss", "few-shot acc"]
     for c in cols:
         table.add_column(c, justify="right" if c != "model" else "left")
 
@@ -249,5 +322,5 @@ def print_table(results: dict) -> None:
         lo, hi = m["win_rate_ci95"]
         table.add_row(name, f"{m['win_rate_vs_sft']:.3f} [{lo:.2f}, {hi:.2f}]", f(m["labeler_score"]),
                       f(m["hallucination_rate"]), f(m["refusal_rate"]), f(m["over_refusal_rate"]),
-                      f(m["constraint_rate"]), f(m.get("pretrain_val_loss")))
+                      f(m["constraint_rate"]), f(m.get("pretrain_val_loss")), f(m.get("few_shot_accuracy")))
     Console().print(table)

@@ -144,12 +144,21 @@ def markdown(run: Path, manifest: dict, results: dict, plots: dict[str, Path]) -
               "(the paper's reward models agreed with held-out labelers about 70% of the time).", ""]
     sft_loss = results["models"].get("sft", {}).get("pretrain_val_loss")
     if sft_loss is not None:
-        lines += ["## Alignment tax (loss on held-out pretraining text, relative to SFT)", "",
-                  "| model | loss | change vs SFT |", "| --- | --- | --- |"]
+        chance = results.get("few_shot_chance")
+        lines += ["## Alignment tax", "",
+                  "Loss on held-out pretraining text, and few-shot accuracy on the world's facts (after two example "
+                  "sentences, the likeliest of every town, colour, food, job or pet is the person's own"
+                  + (f"; chance {chance:.3f}" if chance is not None else "") + "), against SFT.", "",
+                  "| model | loss | change vs SFT | few-shot accuracy | change vs SFT |",
+                  "| --- | --- | --- | --- | --- |"]
+        sft_acc = results["models"]["sft"].get("few_shot_accuracy")
         for m in models:
             loss = results["models"][m].get("pretrain_val_loss")
+            acc = results["models"][m].get("few_shot_accuracy")
             if loss is not None:
-                lines.append(f"| {LABELS[m]} | {loss:.3f} | {loss - sft_loss:+.3f} |")
+                acc_cells = (f"{acc:.3f} | {acc - sft_acc:+.3f}" if acc is not None and sft_acc is not None
+                             else "- | -")
+                lines.append(f"| {LABELS[m]} | {loss:.3f} | {loss - sft_loss:+.3f} | {acc_cells} |")
         lines.append("")
     lines += ["## Per task family", "", f"![families]({plots['families'].relative_to(run)})", "",
               "## Training curves", "", f"![losses]({plots['losses'].relative_to(run)})", "",
