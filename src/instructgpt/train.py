@@ -198,6 +198,16 @@ def _leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def finish_distributed() -> None:
+    """After a command that finished on every rank: wait until every rank's collectives are done, then
+    leave the process group, before the interpreter starts tearing down. (The exit handler only destroys
+    it, without the barrier, since after an error the other ranks may never reach one.) A gloo rank that
+    left it to interpreter shutdown aborted now and then ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     """The module to call in the loop: sharded in place with FSDP2 (runtime.fsdp), compiled when
     runtime.compile, wrapped in DDP when distributed without FSDP. Keep the plain `model` for the
