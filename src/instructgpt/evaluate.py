@@ -158,6 +158,9 @@ def continuation_logprobs(model, tok: Tokenizer, pairs: list[tuple[str, str]], b
     seqs, spans = [], []
     for context, cont in pairs:
         c, x = [tok.bos_id] + tok.encode(context), tok.encode(cont)
+        if len(x) >= model.config.block_size:
+            raise ValueError(f"a continuation of {len(x)} tokens leaves no context in a {model.config.block_size}"
+                             f"-token window: {cont[:40]!r}")
         ids = (c + x)[-model.config.block_size:]
         seqs.append(ids)
         spans.append((len(ids) - len(x), len(ids)))
