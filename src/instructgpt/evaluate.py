@@ -153,27 +153,25 @@ def fact_cloze_items(world: World, shots: int = 2, seed: int = 0) -> list[tuple[
 @torch.no_grad()
 def continuation_logprobs(model, tok: Tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64) -> list[float]:
     """Mean log-probability per token of each continuation after its context (BOS + context + continuation,
-    tokenised in two parts), in right-padded batches: causal attention keeps the padding out of every
-    scored position."""
-    seqs, spans = [], []
+    tokenised in two parts), in right-padded batches scored as DPO scores a reply (`dpo.sequence_logprobs`
+    over the continuation's labels)."""
+    from .dpo import IGNORE, pad, sequence_logprobs
+
+    items, lengths = [], []
     for context, cont in pairs:
         c, x = [tok.bos_id] + tok.encode(context), tok.encode(cont)
         if len(x) >= model.config.block_size:
             raise ValueError(f"a continuation of {len(x)} tokens leaves no context in a {model.config.block_size}"
                              f"-token window: {cont[:40]!r}")
         ids = (c + x)[-model.config.block_size:]
-        seqs.append(ids)
-        spans.append((len(ids) - len(x), len(ids)))
+        start = len(ids) - len(x)
+        items.append((ids[:-1], [IGNORE] * (start - 1) + ids[start:]))  # label t: the token after position t
+        lengths.append(len(x))
     device = next(model.parameters()).device
     out: list[float] = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s:s + batch_size]
-        T = max(len(q) for q in chunk)
-        ids = torch.tensor([q + [tok.pad_id] * (T - len(q)) for q in chunk], device=device)
-        logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)
-        tgt = logp.gather(-1, ids[:, 1:, None])[..., 0]      # (B, T-1): log p(token t+1 | tokens <= t)
-        for row, (a, b) in zip(tgt, spans[s:s + batch_size]):
-            out.append(float(row[a - 1:b - 1].mean()))
+    for s in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in pad(items[s:s + batch_size], tok.pad_id).items()}
+        out += (sequence_logprobs(model, batch).cpu() / torch.tensor(lengths[s:s + batch_size])).tolist()
     return out
 
 
