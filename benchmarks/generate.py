@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from instructgpt.batching import pad
 from instructgpt.checkpoint import save_model
-from instructgpt.generate import SamplingParams, generate, left_pad
+from instructgpt.generate import SamplingParams, generate
 from instructgpt.hf import export_hf
 from instructgpt.model import GPT, ModelConfig
 
@@ -55,7 +56,7 @@ def run_ours(model, prompts) -> torch.Tensor:
 
 
 def run_hf(model, prompts) -> torch.Tensor:
-    idx, mask = left_pad(prompts, PAD, "cpu")
+    idx, mask = pad(prompts, PAD, "left")
     with torch.no_grad():
         out = model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                              min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=PAD,

@@ -11,7 +11,7 @@ the others still run; a final table sums up):
                 autocast: the losses must agree within --loss-tol. Checked before anything is timed.
 2. pretrain   - GPT-2 124M (preset gpt2-124m), bf16 autocast, batch 32 x 1024 tokens, 4 micro-steps per
                 optimizer step (131,072 tokens), random tokens, through instructgpt.train (setup,
-                make_optimizer, maybe_compile, train_step) without and with torch.compile. Tokens/s over
+                make_optimizer, prepare_model, train_step) without and with torch.compile. Tokens/s over
                 the timed steps and MFU against 989 TFLOP/s dense bf16, with
                 train.training_flops_per_token = 6 N + 6 L C (T + 1) (N: every Linear weight, the
                 unembedding once; the second term is causal attention, masked half skipped). The compiled
@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instructgpt import ppo, train
+from instructgpt import distributed, ppo, train
+from instructgpt.batching import pad
 from instructgpt.checkpoint import save_model
-from instructgpt.generate import SamplingParams, generate, left_pad
+from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, PRESETS, ModelConfig, ScalarModel
 from instructgpt.pretrain import lm_loss_sum, n_targets
 
@@ -156,7 +157,7 @@ def pretrain_run(args, sz: Sizes, compile_: bool) -> dict:
     runtime = train.setup(cfg)
     model = GPT(model_config(sz)).to(runtime.device)
     opt = train.make_optimizer(model, cfg, runtime)
-    fwd = train.maybe_compile(model, cfg, runtime)
+    fwd = distributed.prepare_model(model, runtime)
     batches = random_micro_batches(sz, sz.batch, model.config.vocab_size, runtime.device, 1)
     t0 = time.perf_counter()
     for step in range(sz.warmup_steps):
@@ -225,7 +226,7 @@ def run_ours(model, prompts, new: int) -> torch.Tensor:
 
 def run_hf(model, prompts, new: int) -> torch.Tensor:
     device = next(model.parameters()).device
-    idx, mask = left_pad(prompts, PAD, device)
+    idx, mask = (t.to(device) for t in pad(prompts, PAD, "left"))
     with torch.no_grad():
         out = model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, use_cache=True, pad_token_id=PAD, eos_token_id=None)
@@ -241,7 +242,7 @@ def timed(fn, device) -> float:
 
 
 def section_generation(args, sz: Sizes) -> list[dict]:
-    device = train.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     torch.manual_seed(0)
     ours = GPT(model_config(sz)).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ through the library functions its command uses, so this measures the hot loops:
 
   sft  train.train_step with sft.sft_loss_sum                     16 demonstrations per step
   rm   train.train_step with rm.batch_loss_sum (K = 2)            16 pairs (32 sequences) per step
-  dpo  train.train_step with dpo.dpo_loss on dpo.sequence_logprobs, 16 pairs per step; the reference
+  dpo  train.train_step with losses.dpo_loss on losses.sequence_logprobs, 16 pairs per step; the reference
        log-probabilities are computed in every step (as TRL does by default), not once up front
   ppo  ppo.rollout (exactly 32 new tokens: the end token is an id that never occurs), ppo.score_rollout
        (policy, reference, value and reward model), ppo.make_experience (compute_rewards and
@@ -35,7 +35,8 @@ import time
 import numpy as np
 import torch
 
-from instructgpt import dpo, rm, sft, train
+from instructgpt import distributed, losses, rm, sft, train
+from instructgpt.batching import IGNORE, pad_labelled
 from instructgpt.generate import SamplingParams
 from instructgpt.model import GPT, ModelConfig, ScalarModel
 from instructgpt.ppo import PPOConfig, make_experience, ppo_update, rollout, score_rollout
@@ -58,9 +59,9 @@ def tokens(rng: np.random.Generator, bounds: tuple[int, int]) -> list[int]:
     return rng.integers(FIRST_ID, VOCAB, n).tolist()
 
 
-def runtime(threads: int) -> train.Runtime:
+def runtime(threads: int) -> distributed.Runtime:
     torch.set_num_threads(threads)
-    return train.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext,
+    return distributed.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext,
                          threads=threads)
 
 
@@ -83,7 +84,7 @@ def timed(step_fn, steps: int, warmup: int = 2) -> float:
 # Offline stages
 
 
-def bench_sft(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
+def bench_sft(rt: distributed.Runtime, steps: int, rng: np.random.Generator) -> dict:
     torch.manual_seed(0)
     model = GPT(model_config())
     tcfg = train.TrainConfig(batch_size=BATCH, lr=1e-4, warmup_steps=0, max_steps=10**6, weight_decay=0.0)
@@ -94,7 +95,7 @@ def bench_sft(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
         for _ in range(BATCH):
             p, c = tokens(rng, PROMPT_LEN), tokens(rng, COMPLETION_LEN) + [2]
             ids = p + c
-            labels = [sft.IGNORE] * (len(p) - 1) + c
+            labels = [IGNORE] * (len(p) - 1) + c
             items.append(sft.Encoded(ids=ids[:-1], labels=labels))
         batches.append(sft.pad_batch(items, PAD))
     model.train()
@@ -104,7 +105,7 @@ def bench_sft(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
             "tokens_per_batch": int(batches[0]["ids"].size(1))}
 
 
-def bench_rm(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
+def bench_rm(rt: distributed.Runtime, steps: int, rng: np.random.Generator) -> dict:
     torch.manual_seed(0)
     model = ScalarModel(model_config())
     tcfg = train.TrainConfig(batch_size=BATCH, lr=1e-4, warmup_steps=0, max_steps=10**6, weight_decay=0.0)
@@ -124,7 +125,7 @@ def bench_rm(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
             "tokens_per_batch": int(batches[0]["ids"].size(1))}
 
 
-def bench_dpo(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
+def bench_dpo(rt: distributed.Runtime, steps: int, rng: np.random.Generator) -> dict:
     torch.manual_seed(0)
     model = GPT(model_config())
     ref = GPT(model_config()).requires_grad_(False).eval()
@@ -137,18 +138,18 @@ def bench_dpo(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
         for _ in range(2 * BATCH):  # chosen rows, then rejected rows
             p, c = tokens(rng, PROMPT_LEN), tokens(rng, COMPLETION_LEN) + [2]
             ids = p + c
-            rows.append((ids[:-1], [dpo.IGNORE] * (len(p) - 1) + c))
-        batches.append(dpo.pad(rows, PAD))
+            rows.append((ids[:-1], [IGNORE] * (len(p) - 1) + c))
+        batches.append(pad_labelled(rows, PAD))
 
     def loss_sum(m, b):
-        lp = dpo.sequence_logprobs(m, b)
-        loss, _, _ = dpo.dpo_loss(lp[:BATCH], lp[BATCH:], b["ref"][:BATCH], b["ref"][BATCH:], 0.1)
+        lp = losses.sequence_logprobs(m, b)
+        loss, _, _ = losses.dpo_loss(lp[:BATCH], lp[BATCH:], b["ref"][:BATCH], b["ref"][BATCH:], 0.1)
         return loss.sum()
 
     def step(i: int) -> None:
         b = dict(batches[i % 4])
         with torch.no_grad():
-            b["ref"] = dpo.sequence_logprobs(ref, b)
+            b["ref"] = losses.sequence_logprobs(ref, b)
         train.train_step(model, opt, [b], loss_sum, lambda _: BATCH, tcfg, rt, i)
 
     model.train()
@@ -161,7 +162,7 @@ def bench_dpo(rt: train.Runtime, steps: int, rng: np.random.Generator) -> dict:
 # PPO
 
 
-def bench_ppo(rt: train.Runtime, steps: int, rng: np.random.Generator, minibatches: int) -> dict:
+def bench_ppo(rt: distributed.Runtime, steps: int, rng: np.random.Generator, minibatches: int) -> dict:
     torch.manual_seed(0)
     policy = GPT(model_config())
     ref = GPT(model_config()).requires_grad_(False).eval()

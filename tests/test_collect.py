@@ -13,10 +13,9 @@ import torch
 from instructgpt import collect as collect_module
 from instructgpt.checkpoint import save_model
 from instructgpt.collect import collect_command
-from instructgpt.data import read_comparisons
+from instructgpt.data import read_comparisons, read_rankings
 from instructgpt.errors import UserError
 from instructgpt.model import GPT, ModelConfig
-from instructgpt.rm import read_rankings
 from instructgpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from instructgpt.world import Labeler, WorldSizes, write_world
 

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from test_pretrain import write_data  # a small learnable token stream as `prepare` writes it
 from test_rm import build_world_run  # world prompts ranked by the labeler, and a fresh tiny "SFT" model
 
-from instructgpt import train
+from instructgpt import distributed
+from instructgpt.batching import EpochSampler
 from instructgpt.chat import render_prompt
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.dpo import dpo_command
@@ -32,7 +33,7 @@ from instructgpt.ppo import ppo_command
 from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
 from instructgpt.rm import rm_command
-from instructgpt.sft import EpochSampler, sft_command
+from instructgpt.sft import sft_command
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -43,7 +44,7 @@ TOL = 1e-5
 def one_thread(monkeypatch):
     """The in-process references on one intra-op thread, as each torchrun rank gets (OMP_NUM_THREADS=1)."""
     before = torch.get_num_threads()
-    monkeypatch.setattr(train, "default_threads", lambda: 1)
+    monkeypatch.setattr(distributed, "default_threads", lambda: 1)
     yield
     torch.set_num_threads(before)
 

@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from test_rm import build_world_run  # the small world run: labeler rankings and a fresh tiny model
 
+from instructgpt import distributed
 from instructgpt import dpo as dpo_module
+from instructgpt.batching import IGNORE
+from instructgpt.batching import pad_labelled as pad
 from instructgpt.chat import render_prompt, render_response
-from instructgpt.dpo import IGNORE, dpo_command, dpo_loss, encode, pad, sequence_logprobs
+from instructgpt.checkpoint import Checkpointer
+from instructgpt.dpo import dpo_command, encode
 from instructgpt.errors import UserError
+from instructgpt.losses import dpo_loss, sequence_logprobs
 from instructgpt.model import GPT, ModelConfig
 from instructgpt.tokenizer import Tokenizer
 
@@ -26,7 +31,7 @@ def one_thread():
     """Tiny models run fastest on one intra-op thread (see test_rm.py)."""
     before = torch.get_num_threads()
     patch = pytest.MonkeyPatch()
-    patch.setattr(dpo_module.train, "default_threads", lambda: 1)
+    patch.setattr(distributed, "default_threads", lambda: 1)
     torch.set_num_threads(1)
     yield
     patch.undo()
@@ -164,7 +169,7 @@ def test_dpo_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
                 eval_interval=2, val_fraction=0.25, device="cpu", dropout=True)
     dpo_command(run["sft"], out=tmp_path / "full", **args)
 
-    real_save = dpo_module.train.Checkpointer.save
+    real_save = Checkpointer.save
 
     def save_then_stop(self, step, *a, **k):
         path = real_save(self, step, *a, **k)
@@ -172,7 +177,7 @@ def test_dpo_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
             raise Stop
         return path
 
-    monkeypatch.setattr(dpo_module.train.Checkpointer, "save", save_then_stop)
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
         dpo_command(run["sft"], out=tmp_path / "split", **args)
     monkeypatch.undo()

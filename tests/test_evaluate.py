@@ -11,12 +11,10 @@ from instructgpt.evaluate import (
     fact_cloze_accuracy,
     fact_cloze_items,
     heldout_loss,
-    summarise,
-    wilson_interval,
-    win_rate,
 )
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
 from instructgpt.tokenizer import Tokenizer
+from instructgpt.world.judge import summarise, wilson_interval, win_rate
 from instructgpt.world.labeler import Labeler
 from instructgpt.world.world import REFUSAL, build_world, demonstrate, make_prompts
 

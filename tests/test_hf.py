@@ -17,10 +17,11 @@ import tokenizers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from instructgpt.batching import pad  # noqa: E402
 from instructgpt.chat import render_prompt  # noqa: E402
 from instructgpt.checkpoint import save_model  # noqa: E402
 from instructgpt.errors import UserError  # noqa: E402
-from instructgpt.generate import SamplingParams, generate, left_pad  # noqa: E402
+from instructgpt.generate import SamplingParams, generate  # noqa: E402
 from instructgpt.hf import SCORE_BIAS_KEY, export_hf, import_command, import_hf  # noqa: E402
 from instructgpt.model import GPT, ModelConfig, ScalarModel, positions_from_mask  # noqa: E402
 from instructgpt.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
@@ -80,7 +81,7 @@ def build_hf(folder: Path, family: str, n_extra_rows: int = 0, shard: bool = Fal
 def padded_batch(V: int, lengths=(11, 7, 3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
-    return left_pad(prompts, 0, "cpu")
+    return pad(prompts, 0, "left")
 
 
 def assert_same_logits(ours: torch.nn.Module, hf, n_tok: int, replaced: frozenset[int] = frozenset()) -> None:
@@ -103,7 +104,7 @@ def assert_same_greedy(ours: GPT, tok: Tokenizer, hf, V: int, n_new: int = 10) -
     params = SamplingParams(max_new_tokens=n_new, temperature=0)
     mine = generate(ours, prompts, params, eos_id=tok.eos_id, pad_id=tok.pad_id)
     assert not mine.ended.any()  # the new tokens' mean rows never win an argmax
-    idx, mask = left_pad(prompts, 0, "cpu")
+    idx, mask = pad(prompts, 0, "left")
     with torch.no_grad():
         out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                           do_sample=False, use_cache=True, pad_token_id=0)

@@ -14,23 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from instructgpt import train
+from instructgpt import distributed, train
 from instructgpt.chat import render_prompt
 from instructgpt.checkpoint import load_model, load_tensors, save_model
 from instructgpt.errors import UserError
 from instructgpt.generate import SamplingParams, generate
+from instructgpt.losses import compute_advantages, compute_rewards, response_logprobs
 from instructgpt.model import GPT, ModelConfig, ScalarModel
 from instructgpt.ppo import (
     GumbelPolicy,
     PPOConfig,
-    compute_advantages,
-    compute_rewards,
     custom_scores,
     load_reward_fn,
     make_experience,
     ppo_command,
     ppo_update,
-    response_logprobs,
     rollout,
     rollout_metrics,
     score_rollout,
@@ -94,14 +92,14 @@ def one_thread(monkeypatch):
     """The models here are tiny: one thread is as fast as two, and immune to the 100x slowdown of spinning
     OpenMP barriers when other processes share the cores (the stage sizes its pool with default_threads)."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(train, "default_threads", lambda: 1)
+    monkeypatch.setattr(distributed, "default_threads", lambda: 1)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def runtime() -> train.Runtime:
-    return train.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext)
+def runtime() -> distributed.Runtime:
+    return distributed.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext)
 
 
 def prompt_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instructgpt import pretrain as pretrain_module
+from instructgpt import checkpoint
 from instructgpt.errors import UserError
 from instructgpt.pretrain import pretrain_command
 from instructgpt.tokenizer import Tokenizer
@@ -75,7 +75,7 @@ def test_resume_is_exact_with_dropout(tmp_path: Path, monkeypatch) -> None:
     args = dict(SMALL, dropout=0.1, max_steps=12, checkpoint_interval=6, eval_interval=4)
     pretrain_command(data, tmp_path / "full", **args)
 
-    real_save = pretrain_module.Checkpointer.save
+    real_save = checkpoint.Checkpointer.save
 
     def save_then_stop(self, step, *a, **k):
         path = real_save(self, step, *a, **k)
@@ -83,7 +83,7 @@ def test_resume_is_exact_with_dropout(tmp_path: Path, monkeypatch) -> None:
             raise Stop
         return path
 
-    monkeypatch.setattr(pretrain_module.Checkpointer, "save", save_then_stop)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
         pretrain_command(data, tmp_path / "split", **args)
     monkeypatch.undo()
@@ -193,7 +193,7 @@ def test_val_loss_falls_on_tinyshakespeare(shared_data: Path, tmp_path: Path) ->
 
 
 def test_prefix_lm_batch_cuts_windows_into_prefix_and_continuation() -> None:
-    from instructgpt.pretrain import prefix_lm_batch
+    from instructgpt.batching import prefix_lm_batch
 
     T = 4
     windows = np.arange(3 * 2 * T, dtype=np.int64).reshape(3, 2 * T) + 10  # (B, 2T), every token distinct
@@ -217,7 +217,7 @@ def test_seq2seq_pretraining_learns_and_resumes_exactly(tmp_path: Path, monkeypa
     assert config["kind"] == "seq2seq" and config["objective"] == "prefix_lm"
     assert config["model"]["n_encoder_layer"] == 0  # as many encoder blocks as decoder blocks
 
-    real_save = pretrain_module.Checkpointer.save
+    real_save = checkpoint.Checkpointer.save
 
     def save_then_stop(self, step, *a, **k):
         path = real_save(self, step, *a, **k)
@@ -225,7 +225,7 @@ def test_seq2seq_pretraining_learns_and_resumes_exactly(tmp_path: Path, monkeypa
             raise Stop
         return path
 
-    monkeypatch.setattr(pretrain_module.Checkpointer, "save", save_then_stop)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
         pretrain_command(data, tmp_path / "split", **args)
     monkeypatch.undo()

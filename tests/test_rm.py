@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from instructgpt import checkpoint, distributed
 from instructgpt import rm as rm_module
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.cli import main
@@ -36,10 +37,10 @@ from instructgpt.world.labeler import response_variants
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread (and a busy 2-core machine makes two threads spin);
-    the stages size their thread pool from `train.default_threads`."""
+    the stages size their thread pool from `distributed.default_threads`."""
     before = torch.get_num_threads()
     patch = pytest.MonkeyPatch()
-    patch.setattr(rm_module.train, "default_threads", lambda: 1)
+    patch.setattr(distributed, "default_threads", lambda: 1)
     torch.set_num_threads(1)
     yield
     patch.undo()
@@ -255,7 +256,7 @@ def test_rm_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
                 log_interval=1, eval_interval=2, val_fraction=0.25, device="cpu", max_length=64)
     rm_command(run["sft"], out=tmp_path / "full", **args)
 
-    real_save = rm_module.train.Checkpointer.save
+    real_save = checkpoint.Checkpointer.save
 
     def save_then_stop(self, step, *a, **k):
         path = real_save(self, step, *a, **k)
@@ -263,7 +264,7 @@ def test_rm_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
             raise Stop
         return path
 
-    monkeypatch.setattr(rm_module.train.Checkpointer, "save", save_then_stop)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
         rm_command(run["sft"], out=tmp_path / "split", **args)
     monkeypatch.undo()

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 import uvicorn
 
-from instructgpt.chat import render, render_prompt
-from instructgpt.chat_cli import TextStream
+from instructgpt.chat import TextStream, render, render_prompt
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig

@@ -10,19 +10,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from instructgpt import checkpoint
 from instructgpt import sft as sft_module
-from instructgpt.chat import render_prompt
+from instructgpt.batching import IGNORE, pack_batch
+from instructgpt.chat import render_prompt, replies
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.data import Example, read_examples, read_prompts
 from instructgpt.errors import UserError
-from instructgpt.evaluate import replies, summarise
 from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
 from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
-from instructgpt.sft import IGNORE, encode_all, encode_example, pack_batch, pad_batch, sft_command, sft_loss_sum
+from instructgpt.sft import encode_all, encode_example, pad_batch, sft_command, sft_loss_sum
 from instructgpt.tokenizer import Tokenizer
 from instructgpt.world.command import world_command
+from instructgpt.world.judge import summarise
 from instructgpt.world.labeler import Labeler
 from instructgpt.world.world import HELD_OUT_FAMILIES
 
@@ -223,7 +225,7 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
                 eval_interval=3, checkpoint_interval=2, log_interval=1)
     sft_command(out=tmp_path / "full", **args)
 
-    real_save = sft_module.train.Checkpointer.save
+    real_save = checkpoint.Checkpointer.save
 
     def save_then_stop(self, step, *a, **k):
         path = real_save(self, step, *a, **k)
@@ -231,7 +233,7 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
             raise Stop
         return path
 
-    monkeypatch.setattr(sft_module.train.Checkpointer, "save", save_then_stop)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
         sft_command(out=tmp_path / "split", **args)
     monkeypatch.undo()

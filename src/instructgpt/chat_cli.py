@@ -9,7 +9,7 @@ server.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -17,10 +17,10 @@ import torch
 import tyro
 from rich.console import Console
 
-from instructgpt.chat import render_prompt
-from instructgpt.errors import UserError
-from instructgpt.generate import SamplingParams, stream
-from instructgpt.tokenizer import Tokenizer
+from .chat import TextStream, render_prompt
+from .errors import UserError
+from .generate import SamplingParams, stream
+from .tokenizer import Tokenizer
 
 HELP = """commands:
   /reset            forget the conversation (the system message stays)
@@ -28,52 +28,6 @@ HELP = """commands:
   /temperature X    sampling temperature, 0 for greedy decoding
   /help             this list
   /quit             leave (so does Ctrl-D)"""
-
-
-class TextStream:
-    """Turns one row of generated token ids into text deltas.
-
-    Byte-level BPE can split a character over several tokens, so a trailing incomplete character is
-    held back; so is a tail that could be the start of a stop string, so that the text sent never has
-    to be taken back. The row ends at the end token or at the first stop string (the text is cut
-    there), with finish reason "stop"; `finish_length()` ends it for running out of tokens.
-    """
-
-    def __init__(self, tok: Tokenizer, stop: Iterable[str] = ()):
-        self.tok = tok
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # decoded so far (cut at a stop string)
-        self.sent = 0  # characters of `text` handed out
-        self.n_tokens = 0  # tokens generated, the end token included
-        self.finish_reason: str | None = None
-
-    def push(self, token: int) -> tuple[str, str | None]:
-        """Feed one generated token; returns (new text, finish reason or None)."""
-        self.n_tokens += 1
-        if token == self.tok.eos_id:
-            return self._finish("stop")
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text = text[: min(cuts)]
-            return self._finish("stop")
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        safe = max(self.sent, safe - hold)
-        delta, self.sent = text[self.sent : safe], safe
-        return delta, None
-
-    def finish_length(self) -> str:
-        """End the row for reaching its token limit; returns the text still held back."""
-        return self._finish("length")[0]
-
-    def _finish(self, reason: str) -> tuple[str, str]:
-        self.finish_reason = reason
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta, reason
 
 
 def context_size(model: torch.nn.Module) -> int:
@@ -216,8 +170,8 @@ def chat_command(
         device: auto, cpu or cuda[:N].
         system: a system message to start with (also /system TEXT during the chat).
     """
-    from instructgpt.checkpoint import load_model
-    from instructgpt.train import resolve_device
+    from .checkpoint import load_model
+    from .distributed import resolve_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     try:

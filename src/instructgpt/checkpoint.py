@@ -1,22 +1,39 @@
-"""Weights on disk: `model.safetensors` + `config.json`, canonical keys, strict loading.
+"""Everything a stage keeps on disk: weights (`model.safetensors` + `config.json`, canonical keys, strict
+loading), resumable step checkpoints, the stage's exported model, and the stage folder's contract (the guard
+against reusing a folder by accident and the atomic `done.json` written last).
 
-Nothing here unpickles: weights are safetensors, the config is JSON.
+Nothing here unpickles: weights are safetensors, configs and states JSON, and the rest (optimizer and RNG
+states) is loaded with `torch.load(weights_only=True)` (invariant 10). Every file and folder is written to a
+temporary name and renamed (invariant 9).
+
+Under FSDP every parameter (and Adam moment) is a DTensor holding 1/world_size of it. Checkpoints and the
+exported model hold full tensors in the same files as without FSDP: every rank takes part in gathering
+each tensor (a collective, in the same order everywhere) and rank 0 writes. So a checkpoint is the same
+whatever wrote it (1 process, DDP or FSDP, any world size) and the exported model loads anywhere. Rank 0
+holds one full copy in CPU memory: enough for the models this project trains; torch.distributed.checkpoint
+(sharded files) is the way past that.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from .distributed import barrier, is_sharded, rank_and_world, unwrap
 from .errors import UserError
-from .model import ModelConfig, build_model
+from .model import GPT, ModelConfig, ScalarModel, Seq2Seq, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -35,20 +52,7 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
-
-
 def model_kind(model: nn.Module) -> str:
-    from .model import GPT, ScalarModel, Seq2Seq
-
     model = unwrap(model)
     for cls, kind in ((GPT, "gpt"), (ScalarModel, "scalar"), (Seq2Seq, "seq2seq")):
         if isinstance(model, cls):
@@ -70,7 +74,7 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -83,14 +87,17 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_model(model: nn.Module, folder: str | Path, extra: dict | None = None) -> None:
-    """Write `folder/model.safetensors` and `folder/config.json` (each file atomically)."""
+def save_model(model: nn.Module, folder: str | Path, extra: dict | None = None,
+               tensors: dict[str, Tensor] | None = None) -> None:
+    """Write `folder/model.safetensors` and `folder/config.json` (each file atomically). `tensors`: the
+    weights already gathered from a sharded model (`model_tensors`); by default the model's own."""
     folder = Path(folder)
     model = unwrap(model)
     config = {"kind": model_kind(model), "model": model.config.to_dict(), **(extra or {})}
-    tensors = state_dict_for_saving(model)
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    if tensors is None:
+        tensors = state_dict_for_saving(model)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def read_config(folder: str | Path) -> dict:
@@ -106,8 +113,12 @@ def read_config(folder: str | Path) -> dict:
 
 
 def load_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict loading with a message naming every missing and unexpected key."""
+    """Strict loading with a message naming every missing and unexpected key; a sharded (FSDP) model keeps
+    only its shard of each tensor."""
     model = unwrap(model)
+    if is_sharded(model):
+        _load_sharded(model, tensors, source)
+        return
     tensors = {canonical_key(k): v for k, v in tensors.items()}
     expected = set(state_dict_for_saving(model))
     missing = sorted(expected - set(tensors))
@@ -160,3 +171,342 @@ def load_model(folder: str | Path, kind: str | None = None, device: str | torch.
     else:
         raise UserError(f"{folder}: holds a {stored!r} model, expected {kind!r}")
     return model.to(device)
+
+
+def _load_sharded(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    tensors = {canonical_key(k): v for k, v in tensors.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}  # parameter -> the key it is stored under (the first of its tied names)
+    own = model.state_dict()
+    for key in own:
+        if key in params:
+            first.setdefault(id(params[key]), key)
+    expected = {k for k in own if k not in params or first[id(params[k])] == k}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the model: missing key(s): {', '.join(missing) or '-'}; "
+                        f"unexpected key(s): {', '.join(unexpected) or '-'}")
+    state = {}
+    for key, like in own.items():
+        full = tensors[first[id(params[key])] if key in params else key]
+        if tuple(full.shape) != tuple(like.shape):
+            raise UserError(f"{source}: {key} has shape {tuple(full.shape)}, the model expects {tuple(like.shape)}")
+        state[key] = _shard_like(full.to(like.dtype), like)
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable state: generators, gathered weights and optimizer states
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def rng_state() -> dict:
+    """Every global generator's state, as tensors, ints and lists only (loadable with weights_only)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": list(random.getstate()[1]),  # (version, 625 ints, gauss); the ints are the state
+        "python_gauss": random.getstate()[2],
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "numpy_has_gauss": int(np_state["has_gauss"]),
+        "numpy_gauss": float(np_state["gauss"]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version = random.getstate()[0]
+    random.setstate((version, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+        "has_gauss": state["numpy_has_gauss"],
+        "gauss": state["numpy_gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+def _full(t: Tensor) -> Tensor:
+    """A full CPU copy of a tensor or a DTensor (collective for a DTensor)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` laid out as `like` (a DTensor: this rank's shard, cut locally; no communication)."""
+    if not hasattr(like, "full_tensor"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def model_tensors(model: nn.Module) -> dict[str, Tensor] | None:
+    """Full weights with canonical keys, a tied parameter once (as `save_model` stores them), on
+    rank 0; None on the other ranks. A collective when the model is sharded: call on every rank."""
+    model = unwrap(model)
+    if not is_sharded(model):
+        return state_dict_for_saving(model) if rank_and_world()[0] == 0 else None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        param = params.get(key)
+        if param is not None:
+            if id(param) in seen:
+                continue  # a tied parameter: loading re-ties it
+            seen.add(id(param))
+        out[canonical_key(key)] = _full(tensor)
+    return out if rank_and_world()[0] == 0 else None
+
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """optimizer.state_dict() with full tensors, on rank 0 (None elsewhere); a collective under FSDP."""
+    state = optimizer.state_dict()
+    if not any(hasattr(v, "full_tensor") for s in state["state"].values() for v in s.values()):
+        return state if rank_and_world()[0] == 0 else None
+    full = {i: {k: _full(v) if isinstance(v, Tensor) else v for k, v in sorted(s.items())}
+            for i, s in sorted(state["state"].items())}
+    return {**state, "state": full} if rank_and_world()[0] == 0 else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state (`optimizer_state`); a sharded parameter's moments keep only its shard."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        for k, v in s.items():
+            if isinstance(v, Tensor) and hasattr(p, "full_tensor") and tuple(v.shape) == tuple(p.shape):
+                s[k] = _shard_like(v, p)
+    optimizer.load_state_dict(state)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step checkpoints and the exported model
+
+
+class Checkpointer:
+    """Resumable checkpoints in OUT/checkpoints/step_NNNNNNN/ and the stage's exported model in OUT/.
+
+    A step folder holds, for each model, `{name}/model.safetensors` + `{name}/config.json`, and `state/`:
+    `optim_{name}.pt` (optimizer state dicts), `rng_rank{r}.pt` (every generator of each rank), and
+    `state.json` (the stage's own state: step, data position, ...). It is built in a hidden temporary
+    folder beside it, fsynced, then renamed: a step folder exists complete or not at all.
+
+    Under torchrun every rank calls save/load; rank 0 writes everything except the other ranks' RNG.
+    """
+
+    STEP = re.compile(r"^step_(\d{7,})$")
+    COMPLETE = "COMPLETE"  # written last inside the temporary folder, before the rename
+
+    def __init__(self, out: Path, keep_last: int = 2):
+        self.out = Path(out)
+        self.root = self.out / "checkpoints"
+        self.keep_last = keep_last
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        models: dict[str, nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        state: dict,
+        extra_config: dict | None = None,
+    ) -> Path:
+        rank, _ = rank_and_world()
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".tmp-step_{step:07d}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            (tmp / "state").mkdir(parents=True)
+        barrier()
+        torch.save(rng_state(), tmp / "state" / f"rng_rank{rank}.pt")
+        barrier()
+        weights = {name: model_tensors(model) for name, model in models.items()}  # every rank: FSDP gathers
+        optim = {name: optimizer_state(optimizer) for name, optimizer in optimizers.items()}
+        if rank == 0:
+            try:
+                for name, model in models.items():
+                    save_model(model, tmp / name, extra_config, weights[name])
+                for name, state_dict in optim.items():
+                    torch.save(state_dict, tmp / "state" / f"optim_{name}.pt")
+                write_json_atomic(tmp / "state" / "state.json", {"step": step, **state})
+                (tmp / self.COMPLETE).write_text(f"{step}\n")
+                _fsync_tree(tmp)
+                if final.exists():  # the same step saved again (e.g. after a resume): replace it
+                    old = self.root / f".old-step_{step:07d}"
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(final, old)
+                    os.rename(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)
+                _fsync(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for path in self.complete()[: -self.keep_last]:
+            trash = path.with_name(f".old-{path.name}")
+            os.rename(path, trash)  # a half-deleted folder must never look like a checkpoint
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def save_best(self, models_or_model: dict[str, nn.Module] | nn.Module, record: dict) -> Path:
+        """Replace OUT/best/ with these models (the stage decides what "best" means) and `record` (e.g.
+        {"val_loss": 1.9, "step": 500}) as best.json; atomic like a step """
+        best = self.out / "best"
+        weights = self._gather(models_or_model)
+        if rank_and_world()[0] == 0:
+            tmp = self.out / ".tmp-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._export_into(tmp, models_or_model, weights, None)
+            write_json_atomic(tmp / "best.json", record)
+            _fsync_tree(tmp)
+            old_dir = self.out / ".old-best"
+            shutil.rmtree(old_dir, ignore_errors=True)
+            if best.exists():
+                os.rename(best, old_dir)
+            os.rename(tmp, best)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        barrier()
+        return best
+
+    def best_model_path(self) -> Path | None:
+        """OUT/best/ when save_best wrote it (load it with load_model), else None."""
+        best = self.out / "best"
+        return best if (best / "best.json").is_file() else None
+
+    def export(self, models_or_model: dict[str, nn.Module] | nn.Module, extra: dict | None = None) -> Path:
+        """The stage's public result: OUT/model.safetensors + OUT/config.json for one model, or
+        OUT/{name}/... for several. Each file is written atomically."""
+        weights = self._gather(models_or_model)
+        if rank_and_world()[0] == 0:
+            self._export_into(self.out, models_or_model, weights, extra)
+        barrier()
+        return self.out
+
+    @staticmethod
+    def _gather(models_or_model) -> dict:
+        """{name: full weights} on rank 0 (name None for a single model); every rank must call it."""
+        if isinstance(models_or_model, nn.Module):
+            return {None: model_tensors(models_or_model)}
+        return {name: model_tensors(model) for name, model in models_or_model.items()}
+
+    @staticmethod
+    def _export_into(folder: Path, models_or_model, weights: dict, extra: dict | None) -> None:
+        if isinstance(models_or_model, nn.Module):
+            save_model(models_or_model, folder, extra, weights[None])
+        else:
+            for name, model in models_or_model.items():
+                save_model(model, folder / name, extra, weights[name])
+
+    # -- finding and loading ------------------------------------------------------------------------
+
+    def complete(self) -> list[Path]:
+        """Complete step folders, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            m = self.STEP.match(path.name)
+            if m and path.is_dir() and (path / self.COMPLETE).is_file():
+                found.append((int(m.group(1)), path))
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The highest complete step folder; temporary and half-deleted folders are ignored."""
+        found = self.complete()
+        return found[-1] if found else None
+
+    def load(self, path: Path, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+        """Load weights (strictly), optimizer states and RNG states from a step folder; return its state."""
+        path = Path(path)
+        if not (path / self.COMPLETE).is_file():
+            raise UserError(f"{path} is not a complete checkpoint (no {self.COMPLETE} marker)")
+        for name, model in models.items():
+            tensors = load_tensors(path / name / WEIGHTS)
+            load_state_dict(model, tensors, str(path / name / WEIGHTS))
+        for name, optimizer in optimizers.items():
+            file = path / "state" / f"optim_{name}.pt"
+            if not file.is_file():
+                raise UserError(f"{path}: no optimizer state for {name!r} ({file.name})")
+            load_optimizer_state(optimizer, torch.load(file, map_location="cpu", weights_only=True))
+        rank, _ = rank_and_world()
+        rng_file = path / "state" / f"rng_rank{rank}.pt"
+        if not rng_file.is_file():
+            raise UserError(f"{path}: no RNG state for rank {rank} (saved with a different number of ranks?)")
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        return json.loads((path / "state" / "state.json").read_text())
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage folder: one guard against reusing it by accident, one completion marker
+
+DONE = "done.json"  # written last, atomically: the stage completed
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def check_out(out: Path, resume: bool, what: str) -> None:
+    """Refuse an `--out` that would overwrite work by accident: a file, a finished run (its done.json), or
+    the checkpoints of an unfinished one, unless `--resume` says to continue (or keep) it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if resume:
+        return
+    if (out / DONE).is_file():
+        raise UserError(f"--out {out} holds a finished {what} run ({DONE}); pass --resume to keep it "
+                        "(or to train further with more steps), or choose another --out")
+    if Checkpointer(out).latest() is not None:
+        raise UserError(f"--out {out} holds checkpoints of an unfinished {what} run; pass --resume to continue "
+                        "it, or choose another --out")
+
+
+def read_done(out: Path) -> dict | None:
+    """The summary a finished stage left in OUT/done.json, or None."""
+    done = Path(out) / DONE
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def write_done(out: Path, summary: dict, tokenizer_from: Path | None = None) -> None:
+    """Finish a stage folder (main rank only): copy the tokenizer beside the exported model, then write
+    done.json, both atomically; done.json comes last, so it exists only when everything else does."""
+    out = Path(out)
+    if tokenizer_from is not None:
+        src = Path(tokenizer_from) / "tokenizer.json"
+        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
+    write_json_atomic(out / DONE, summary)

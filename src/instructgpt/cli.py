@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"instructgpt: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from .train import finish_distributed
+    from .distributed import finish_distributed
 
     finish_distributed()  # under torchrun: every rank finished; leave the process group together
 

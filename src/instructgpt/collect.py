@@ -17,20 +17,13 @@ import torch
 from .chat import render_prompt
 from .checkpoint import load_model
 from .data import Prompt, read_prompts, write_jsonl
+from .distributed import resolve_device
 from .errors import UserError
 from .generate import SamplingParams, generate
 from .tokenizer import Tokenizer
-from .train import Progress, resolve_device
+from .train import Progress
+from .world.judge import world_record
 from .world.labeler import Labeler
-
-
-def world_record(p: Prompt) -> dict:
-    """The labeler's view of a prompt: its text plus the ground truth the world stored beside it."""
-    if "family" not in p.meta:
-        raise UserError("the labeler needs world prompts (records with 'family' and 'meta'); "
-                        "bring your own rankings for other prompts")
-    return {"prompt": p.messages[-1]["content"], "family": p.meta["family"], "meta": p.meta.get("meta", {}),
-            "id": p.meta.get("id", "")}
 
 
 def sample_responses(model, tok: Tokenizer, prompts: list[Prompt], k: list[int], params: SamplingParams,

@@ -59,7 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from instructgpt.errors import UserError
+import numpy as np
+
+from .errors import UserError
 
 ROLES = ("system", "user", "assistant")
 END_OF_TEXT = "<|endoftext|>"  # T0 / self-instruct completions end with GPT-2's end token, as text
@@ -643,3 +645,46 @@ def _parquet_records(p: Path, name: str) -> Iterator[_Raw]:
     for number, row in enumerate(rows, start=1):
         # A table has every column in every row: a column a record does not have reads as null.
         yield number, f"{name}: row {number}", {k: v for k, v in row.items() if v is not None}
+
+
+def ended_flags(c: Comparison) -> list[bool] | None:
+    """The comparison's "ended" flags (one per completion; all True when absent), or None if malformed."""
+    ended = c.meta.get("ended")
+    if ended is None:
+        return [True] * len(c.completions)
+    if not isinstance(ended, list) or len(ended) != len(c.completions) or not all(isinstance(e, bool) for e in ended):
+        return None
+    return list(ended)
+
+
+def _ended_error(path: Path) -> UserError:
+    """The file:line of the first record whose "ended" field does not fit its completions."""
+    for number, rec in iter_records(path):
+        if "ended" not in rec:
+            continue
+        k = len(rec["completions"]) if isinstance(rec.get("completions"), list) else 2
+        e = rec["ended"]
+        if not isinstance(e, list) or len(e) != k or not all(isinstance(x, bool) for x in e):
+            return UserError(f'{path}:{number}: field "ended": expected a list of {k} booleans (one per '
+                             f"completion: did the reply end with the end token), got {json.dumps(e)[:80]}")
+    return UserError(f'{path}: a record has a malformed "ended" field')
+
+
+def read_rankings(paths: list[Path], skip_invalid: bool = False) -> list[Comparison]:
+    """Comparisons from every file (rankings, pairs, Anthropic HH), with their optional "ended" flags
+    checked; errors name the file, the line and the field."""
+    comps: list[Comparison] = []
+    for p in paths:
+        got = read_comparisons(p, skip_invalid=skip_invalid)
+        if any(ended_flags(c) is None for c in got):
+            raise _ended_error(Path(p))
+        comps.extend(got)
+    return comps
+
+
+def split_comparisons(comps: list[Comparison], val_fraction: float, seed: int
+                      ) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, validation): a seeded random `val_fraction` of the prompts is held out."""
+    order = np.random.default_rng([seed, 13]).permutation(len(comps))
+    n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
+    return [comps[i] for i in order[n_val:]], [comps[i] for i in order[:n_val]]

@@ -14,39 +14,22 @@ rewards/accuracy (share of pairs with r(y_w) > r(y_l), ties half) and rewards/ma
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import train
+from .batching import IGNORE, EpochSampler, pad_labelled
 from .chat import render_prompt, render_response
-from .checkpoint import load_model, read_config
+from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
+from .data import ended_flags, read_rankings, split_comparisons
+from .distributed import all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
-from .rm import ended_flags, read_rankings, split_comparisons
-from .sft import EpochSampler
+from .losses import dpo_loss, sequence_logprobs
+from .model import set_dropout
 from .tokenizer import Tokenizer
-
-IGNORE = -100
-
-
-def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss (N,) and the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected.
-
-    Args:
-        pi_w, pi_l: (N,) summed log-probabilities of the chosen / rejected responses under the policy.
-        ref_w, ref_l: (N,) the same under the reference.
-        beta: the strength of the implicit KL constraint.
-    Returns:
-        (loss (N,), chosen rewards (N,), rejected rewards (N,)); the rewards are detached.
-    """
-    chosen = beta * (pi_w - ref_w)
-    rejected = beta * (pi_l - ref_l)
-    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
 def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int,
@@ -63,32 +46,11 @@ def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int,
     return ids[:-1], labels
 
 
-def pad(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, labels and attention mask (B, T)."""
-    T = max(len(i) for i, _ in items)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
-    for n, (i, l) in enumerate(items):
-        ids[n, :len(i)] = torch.tensor(i, dtype=torch.long)
-        labels[n, :len(l)] = torch.tensor(l, dtype=torch.long)
-        mask[n, :len(i)] = 1
-    return {"ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log p(label) over each row's labelled tokens (B,), in fp32 (invariant 13)."""
-    logits = model(batch["ids"], attention_mask=batch["attention_mask"]).float()  # (B, T, V)
-    labels = batch["labels"]
-    logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T)
-    return (logp * (labels != IGNORE)).sum(1)
-
-
 def pair_batch(pairs: list[dict], idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one padded batch (2N, T), and the pairs' reference log-probs
     "ref" (N, 2) once they are known."""
     rows = [pairs[i]["chosen"] for i in idx] + [pairs[i]["rejected"] for i in idx]
-    b = pad(rows, pad_id)
+    b = pad_labelled(rows, pad_id)
     if "ref_w" in pairs[idx[0]]:
         b["ref"] = torch.tensor([[pairs[i]["ref_w"], pairs[i]["ref_l"]] for i in idx], dtype=torch.float32)
     return {k: v.to(device) for k, v in b.items()}
@@ -146,15 +108,6 @@ def to_pairs(tok: Tokenizer, comps: list, max_length: int) -> list[dict]:
     return pairs
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in the policy: with it, log pi differs from log pi_ref at step 0 by noise alone."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
-            m.attn_dropout = 0.0
-
-
 def dpo_command(
     init: Path,
     data: list[Path],
@@ -196,7 +149,8 @@ def dpo_command(
         max_steps: optimizer steps (overrides epochs).
         batch_size: pairs per micro-batch.
         max_length: longest prompt + response in tokens (default: the model's context).
-        dropout: keep the checkpoint's dropout in the policy (off by default: see `disable_dropout`).
+        dropout: keep the checkpoint's dropout in the policy (off by default: with it, log pi differs from log pi_ref at
+            step 0 by noise alone).
         log_interval: write the per-step metrics every this many steps.
         eval_interval: held-out metrics every this many steps (default: 5 times per run, and at the end).
         checkpoint_interval: resumable checkpoint every this many steps (and at the end).
@@ -208,7 +162,9 @@ def dpo_command(
     """
     t0 = time.time()
     init, out = Path(init), Path(out)
-    if (summary := train.finished_summary(out, resume, "DPO")) is not None:
+    check_out(out, resume, "DPO")
+    if resume and (summary := read_done(out)) is not None:
+        print(json.dumps(summary))
         return summary
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -246,7 +202,7 @@ def dpo_command(
     # replay of the sampler: a short run over many pairs scores only its steps' pairs); then it is freed
     ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
     if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
-        train.shard_model(ref, runtime)
+        shard_model(ref, runtime)
     replay = EpochSampler(len(trn), seed)
     per_step = train.examples_per_step(tcfg, runtime)
     visited = sorted({i for _ in range(total_steps) for i in replay.take(per_step)})
@@ -256,14 +212,11 @@ def dpo_command(
     del ref
 
     if not dropout:
-        disable_dropout(model)
-    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
+        set_dropout(model, 0.0, attn=0.0)  # with dropout, log pi differs from log pi_ref at step 0 by noise
+    fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
     sampler = EpochSampler(len(trn), seed)
-    ckpt = train.Checkpointer(out, keep_last=keep_last)
-    if ckpt.latest() is not None and not resume:
-        raise UserError(f"{out} holds checkpoints of an unfinished DPO run; pass --resume to continue it, "
-                        "or choose another --out")
+    ckpt = Checkpointer(out, keep_last=keep_last)
     step, before = 0, None
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
@@ -289,13 +242,13 @@ def dpo_command(
     model.train()
     after = None  # the held-out metrics of the last step, evaluated once
     while step < total_steps:
-        micro = [pair_batch(trn, train.rank_rows(sampler.take(batch_size * runtime.world_size), runtime), tok.pad_id,
+        micro = [pair_batch(trn, rank_rows(sampler.take(batch_size * runtime.world_size), runtime), tok.pad_id,
                             dev) for _ in range(grad_accum)]
         seen.clear()
         stats = train.train_step(fwd, optimizer, micro, loss_sum, lambda b: b["ref"].size(0), tcfg, runtime, step)
         step += 1
         n_pairs = stats["tokens"]
-        sums = train.all_reduce_sums(seen, runtime)
+        sums = all_reduce_sums(seen, runtime)
         row = {"step": step, "loss": stats["loss"], **{k: v / n_pairs for k, v in sums.items() if k != "loss"},
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "pairs": n_pairs}
         if val and (step % every == 0 or step == total_steps):
@@ -320,7 +273,6 @@ def dpo_command(
                "val_margin_after": after["rewards/margins"] if after else None,
                "seconds": round(time.time() - t0, 2)}
     if runtime.is_main:
-        shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
-        (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_done(out, summary, tokenizer_from=init)
         print(json.dumps(summary))
     return summary

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batching import pad
 from .model import GPT, KVCache, Seq2Seq
 
 
@@ -72,18 +73,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (B, T) and attention mask (B, T), each prompt flush right."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            idx[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[i, T - len(p):] = 1
-    return idx.to(device), mask.to(device)
-
-
 class _DecodeState:
     """What the decode steps need besides the cache, kept by the engine instead of rebuilt every step:
     the additive attention mask over every cache slot (B, 1, 1, S_max), 0 = may attend, -inf = padding or
@@ -121,7 +110,7 @@ class _DecoderOnly:
         cfg = model.config
         p = next(model.parameters())
         self.model = model
-        idx, mask = left_pad(prompts, pad_id, p.device)
+        idx, mask = (t.to(p.device) for t in pad(prompts, pad_id, "left"))
         B, T0 = idx.shape
         if T0 + max_new > cfg.block_size:
             raise ValueError(f"prompt of {T0} tokens + max_new_tokens {max_new} exceeds the model's "
@@ -148,7 +137,7 @@ class _EncoderDecoder:
         if max_new + 1 > cfg.block_size:
             raise ValueError(f"max_new_tokens {max_new} exceeds the decoder's context of {cfg.block_size}")
         self.model = model
-        src, self.src_mask = left_pad(prompts, pad_id, p.device)
+        src, self.src_mask = (t.to(p.device) for t in pad(prompts, pad_id, "left"))
         B = src.size(0)
         self.memory_kv = model.memory_kv(model.encode(src, self.src_mask))
         self.cache = KVCache(cfg.n_layer, B, cfg.kv_heads, max_new + 1, cfg.head_dim, p.device, p.dtype)

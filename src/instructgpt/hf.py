@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .checkpoint import _atomic_write, load_model, load_state_dict, save_model
+from .checkpoint import atomic_write, load_model, load_state_dict, save_model
 from .errors import UserError
 from .model import GPT, ModelConfig, ScalarModel, build_model
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -568,7 +568,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, log: Callable[[str], N
             f"bias precedes it, so the exported scores are ours minus {score_bias:.6g} (kept in config.json "
             f"as {SCORE_BIAS_KEY}); rankings and preference probabilities are unchanged")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     files = {HF_CONFIG: config}
     if tok is not None:
         files.update(tokenizer_files(tok, cfg))
@@ -576,7 +576,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, log: Callable[[str], N
             del files["generation_config.json"]  # a classifier does not generate
         tok.save(out_dir / TOKENIZER)
     for name, content in files.items():
-        _atomic_write(out_dir / name, lambda tmp, c=content: Path(tmp).write_text(json.dumps(c, indent=2) + "\n"))
+        atomic_write(out_dir / name, lambda tmp, c=content: Path(tmp).write_text(json.dumps(c, indent=2) + "\n"))
     return out_dir
 
 

@@ -579,3 +579,13 @@ __all__ = [
     "PRESETS", "GPT", "KVCache", "ModelConfig", "ScalarModel", "Seq2Seq", "Transformer", "build_model",
     "build_mask", "count_params", "last_token_index", "positions_from_mask",
 ]
+
+
+def set_dropout(model: nn.Module, p: float, attn: float | None = None) -> None:
+    """Residual dropout `p` in every nn.Dropout of the model and, when given, attention dropout `attn`; the
+    config is left as it is (a stage decides what the exported model's config says)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if attn is not None and hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
+            m.attn_dropout = attn

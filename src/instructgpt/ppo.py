@@ -33,7 +33,6 @@ import importlib
 import importlib.util
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,17 +42,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import train
+from .batching import EpochSampler, PretrainWindows, pad
 from .chat import render_prompt
-from .checkpoint import load_model, read_config
+from .checkpoint import Checkpointer, check_out, load_model, read_config, write_done
 from .data import read_prompts
+from .distributed import Runtime, all_ranks_finished, all_reduce, all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
-from .generate import SamplingParams, generate, left_pad
-from .model import GPT, ScalarModel, positions_from_mask
-from .rm import rewards_of
-from .sft import EpochSampler, PretrainWindows
+from .generate import SamplingParams, generate
+from .losses import (
+    AdaptiveKL,
+    compute_advantages,
+    compute_rewards,
+    masked_whiten,
+    policy_loss,
+    response_logprobs,
+    response_values,
+    rewards_of,
+    token_cross_entropy,
+    value_loss,
+)
+from .model import GPT, ScalarModel, set_dropout
 from .tokenizer import Tokenizer
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -103,137 +113,6 @@ class PPOConfig:
 # Rewards, advantages and losses: small functions with the formulas
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of x over the real tokens; with `n` (the token count of every rank), this rank's share of the mean
-    over every rank's tokens: the ranks' shares add up to it."""
-    return (x * mask).sum() / (mask.sum().clamp(min=1) if n is None else n)
-
-
-def all_reduce(x: torch.Tensor, runtime: train.Runtime | None, op: str = "sum") -> torch.Tensor:
-    """x summed over the ranks under torchrun (op "max": their largest); x itself in one process."""
-    if runtime is None or not runtime.distributed:
-        return x
-    x = x.clone()
-    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-    torch.distributed.all_reduce(x, op=reduce_op)
-    return x
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
-                  runtime: train.Runtime | None = None) -> torch.Tensor:
-    """(x - mean) / std over the real tokens (of every rank under torchrun); padding stays 0."""
-    n = all_reduce(mask.sum(), runtime).clamp(min=1)
-    mean = all_reduce(masked_mean(x, mask, n), runtime)
-    var = all_reduce(masked_mean((x - mean) ** 2, mask, n), runtime)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def compute_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """3. Per-token rewards: the KL penalty at every response token plus the score at the last one.
-
-        r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last real token] * score
-
-    Args:
-        scores: (B,) one score per response (the reward model's, already penalised if it never ended).
-        logp, ref_logp: (B, R) log-probabilities of the response tokens under the policy and the reference.
-        mask: (B, R) 1 on real response tokens (right-padded: a prefix of each row), 0 on padding.
-    Returns:
-        rewards (B, R) and kl (B, R) = log pi - log pi_ref, both 0 on padding.
-    """
-    lengths = mask.sum(1).long()  # (B,)
-    if bool((lengths == 0).any()):
-        raise ValueError(f"response {int((lengths == 0).nonzero()[0])} has no token: its reward has nowhere to go")
-    kl = (logp - ref_logp) * mask
-    rewards = -beta * kl
-    last = (lengths - 1)[:, None]  # (B, 1) index of the last real token
-    rewards = rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
-    return rewards, kl
-
-
-def compute_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                       lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """4. Generalised advantage estimation (Schulman et al., 2016) over right-padded responses:
-
-        delta_t = r_t + gamma * V_{t+1} - V_t
-        A_t = delta_t + gamma * lam * A_{t+1} = sum_{k>=t} (gamma * lam)^(k-t) * delta_k
-
-    with V and A zero past the end of each response (its last token is terminal). The backward recursion is
-    one matmul with the upper-triangular matrix of discounts (R x R), exact and free of a loop over time.
-
-    Args:
-        values: (B, R) V(s_t), the value of the state before each response token.
-        rewards: (B, R) per-token rewards, 0 on padding.
-        mask: (B, R) 1 on real response tokens, a prefix of each row.
-    Returns:
-        advantages (B, R) and returns = advantages + values (B, R), both 0 on padding.
-    """
-    R = rewards.size(1)
-    values = values * mask
-    next_values = F.pad(values[:, 1:], (0, 1))  # (B, R): V_{t+1}, 0 after the last token
-    deltas = (rewards + gamma * next_values - values) * mask
-    t = torch.arange(R, device=rewards.device)
-    lag = t[None, :] - t[:, None]  # (R, R): k - t
-    base = torch.tensor(gamma * lam, dtype=rewards.dtype, device=rewards.device)
-    discount = torch.where(lag >= 0, base ** lag.clamp(min=0), torch.zeros((), dtype=rewards.dtype))  # [t, k]
-    adv = (deltas @ discount.T) * mask  # (B, R): adv[b, t] = sum_k deltas[b, k] * discount[t, k]
-    return adv, adv + values
-
-
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip: float, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate (Schulman et al., 2017), to minimise, over (B, R) response tokens:
-
-        L = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi(y_t) / pi_old(y_t)
-
-    With `n` (the minibatch's token count over every rank) the loss and the means among the statistics are
-    this rank's shares (see `masked_mean`)."""
-    log_ratio = (logp - old_logp) * mask
-    ratio = log_ratio.exp()
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, n)
-    with torch.no_grad():
-        stats = {
-            "policy/approxkl": float(masked_mean(0.5 * log_ratio**2, mask, n)),
-            "policy/clipfrac": float(masked_mean((clipped > unclipped).float(), mask, n)),
-            "policy/ratio": float(masked_mean(ratio, mask, n)),
-            "policy/ratio_maxdev": float(((ratio - 1).abs() * mask).max()),
-        }
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float, n: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss over (B, R) tokens: 0.5 * E_t[max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)];
-    `n` as in `policy_loss`."""
-    clipped_v = old_values + (values - old_values).clamp(-clip, clip)
-    l1, l2 = (values - returns) ** 2, (clipped_v - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask, n)
-    return loss, {"val/clipfrac": float(masked_mean((l2 > l1).float(), mask, n))}
-
-
-class AdaptiveKL:
-    """The KL coefficient. Fixed without a target; with one, the controller of Ziegler et al. (2019):
-
-        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   after n rollouts of mean KL."""
-
-    def __init__(self, beta: float, target: float | None, horizon: int = 10000):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl: float, n: int) -> None:
-        if self.target is None:
-            return
-        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
-        self.beta *= 1 + error * n / self.horizon
-
-    def state(self) -> dict:
-        return {"beta": self.beta}
-
-    def restore(self, s: dict) -> None:
-        self.beta = s["beta"]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Rollouts and scoring
 
@@ -278,7 +157,7 @@ class GumbelPolicy(nn.Module):
 
 
 def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int,
-            generator: torch.Generator | None, runtime: train.Runtime | None = None) -> Rollout:
+            generator: torch.Generator | None, runtime: Runtime | None = None) -> Rollout:
     """1. Sample one response per prompt (lists of ids) with the generation engine, at params.temperature.
     Under torchrun the prompts are this rank's slice of the global batch; generation runs until every rank's
     rows have ended, so a sharded policy runs its forwards in step on every rank (invariant 12)."""
@@ -286,10 +165,10 @@ def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eo
         raise ValueError("rollouts sample from the whole distribution at a positive temperature (no top-k, top-p)")
     rank, world_size = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
     sampler = GumbelPolicy(policy, params.temperature, generator, rank, world_size)
-    all_finished = train.all_ranks_finished(runtime) if runtime is not None else None
+    all_finished = all_ranks_finished(runtime) if runtime is not None else None
     gen = generate(sampler, prompt_ids, replace(params, temperature=0.0), eos_id, pad_id, all_finished=all_finished)
     device = gen.tokens.device
-    prompt, prompt_mask = left_pad(prompt_ids, pad_id, device)  # (B, P) each
+    prompt, prompt_mask = (t.to(device) for t in pad(prompt_ids, pad_id, "left"))  # (B, P) each
     R = gen.tokens.size(1)
     resp_mask = (torch.arange(R, device=device)[None] < gen.lengths[:, None]).long()  # (B, R)
     ids = torch.cat([prompt, gen.tokens], 1)  # (B, P + R)
@@ -297,25 +176,8 @@ def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eo
     return Rollout(ids, mask, resp_mask, gen.ended, prompt.size(1))
 
 
-def response_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor, P: int,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) (B, R) of each response token, at the sampling temperature, in fp32."""
-    pos = positions_from_mask(mask)
-    logits = model(ids, attention_mask=mask, position_ids=pos, logits_slice=slice(P - 1, -1))  # (B, R, V)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return -F.cross_entropy(logits.transpose(1, 2), ids[:, P:], reduction="none")
-
-
-def response_values(model: ScalarModel, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-    """V (B, R) of the state before each response token: the value at the position that predicts it."""
-    values = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))  # (B, P + R)
-    return values[:, P - 1:-1].float()
-
-
 def score_rollout(ro: Rollout, policy: GPT, ref: GPT, value_model: ScalarModel, reward_model: ScalarModel | None,
-                  runtime: train.Runtime, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                  runtime: Runtime, temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """2. Old and reference log-probabilities (B, R), old values (B, R) and, with a reward model, the score
     of each response (B,), read at its last real token (the attention mask says where)."""
     ids, mask, P = ro.ids, ro.attention_mask, ro.prompt_len
@@ -381,7 +243,7 @@ def custom_scores(fn: RewardFn, name: str, prompts: list[str], responses: list[s
 
 
 def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig, beta: float,
-                    runtime: train.Runtime | None = None) -> dict[str, torch.Tensor]:
+                    runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
     """3-4. From the scored rollout to what the update needs: the penalised scores (B,), per-token rewards
     and KL (B, R), advantages whitened over the response tokens of every rank, and returns (B, R). The KL here
     is the one that is logged."""
@@ -396,7 +258,7 @@ def make_experience(ro: Rollout, scored: dict[str, torch.Tensor], cfg: PPOConfig
 
 
 def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: float,
-                    runtime: train.Runtime | None = None) -> dict[str, float]:
+                    runtime: Runtime | None = None) -> dict[str, float]:
     """What the rollouts say, under TRL's names; sums over each response's tokens, means over the responses
     (of every rank: each holds as many, so the mean of the ranks' means)."""
     kl = exp["kl"].sum(1)  # (B,)
@@ -411,7 +273,7 @@ def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: flo
         "val/response_length": float(exp["mask"].sum(1).mean()),
     }
     if runtime is not None and runtime.distributed:
-        means = {k: v / runtime.world_size for k, v in train.all_reduce_sums(means, runtime).items()}
+        means = {k: v / runtime.world_size for k, v in all_reduce_sums(means, runtime).items()}
     return {"objective/kl_coef": beta, **means}
 
 
@@ -420,14 +282,14 @@ def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: flo
 
 
 def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimizer, opt_v: torch.optim.Optimizer,
-               ro: Rollout, exp: dict[str, torch.Tensor], cfg: PPOConfig, runtime: train.Runtime,
+               ro: Rollout, exp: dict[str, torch.Tensor], cfg: PPOConfig, runtime: Runtime,
                rng: np.random.Generator, lr: float, grad_clip: float = 1.0,
                ptx: PretrainWindows | None = None) -> dict[str, float]:
     """5. cfg.ppo_epochs passes over the rollout batch in cfg.minibatches shuffled minibatches, one optimizer
     step of the policy and of the value model per minibatch. Returns the mean of each statistic, and the
     ratio and approximate KL of the very first minibatch (1 and 0: nothing has moved yet).
 
-    Under torchrun (the models wrapped by `train.prepare_model`) a minibatch is every rank's share of its own
+    Under torchrun (the models wrapped by `prepare_model`) a minibatch is every rank's share of its own
     shuffled rollouts; its losses and statistics are means over the tokens of every rank."""
     B = ro.ids.size(0)
     if B % cfg.minibatches:
@@ -453,15 +315,15 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
             vl, vstats = value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask, cfg.value_clip, n)
             loss = pl + vl
             if ptx is not None:  # this rank's rows of the windows drawn for the whole minibatch
-                w = train.rank_rows(ptx.batch(mb * runtime.world_size), runtime)
+                w = rank_rows(ptx.batch(mb * runtime.world_size), runtime)
                 w = {k: v.to(ro.ids.device) for k, v in w.items()}
                 with runtime.autocast():
                     logits = policy(w["ids"])
-                ptx_loss = train.token_cross_entropy(logits, w["labels"]) / (w["labels"].numel() * runtime.world_size)
+                ptx_loss = token_cross_entropy(logits, w["labels"]) / (w["labels"].numel() * runtime.world_size)
                 loss = loss + cfg.ptx_coef * ptx_loss
                 pstats["loss/ptx"] = float(ptx_loss.detach())
             ratio_maxdev = pstats.pop("policy/ratio_maxdev")
-            row = train.all_reduce_sums({**pstats, **vstats, "loss/policy": float(pl.detach()),
+            row = all_reduce_sums({**pstats, **vstats, "loss/policy": float(pl.detach()),
                                          "loss/value": float(vl.detach())}, runtime)
             total = row["loss/policy"] + row["loss/value"] + cfg.ptx_coef * row.get("loss/ptx", 0.0)
             if not math.isfinite(total):  # the same sums on every rank: all of them stop here
@@ -495,6 +357,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # The stage
 
 
+def _no_dropout(model: nn.Module) -> nn.Module:
+    # Dropout would make the ratio differ from 1 at the first minibatch and the values noisy.
+    set_dropout(model, 0.0, attn=0.0)
+    model.config.dropout = model.config.attn_dropout = 0.0
+    return model
+
+
 def encode_prompts(tok: Tokenizer, prompts: list, block_size: int, max_new_tokens: int) -> tuple[list, list]:
     """Render every prompt with the chat template; prompts that leave no room for max_new_tokens in the
     model's context are left out (and counted). Returns (prompts, ids)."""
@@ -511,18 +380,6 @@ def encode_prompts(tok: Tokenizer, prompts: list, block_size: int, max_new_token
     if not kept:
         raise UserError(f"no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
     return kept, ids
-
-
-def _no_dropout(model: nn.Module) -> nn.Module:
-    # Dropout would make the ratio differ from 1 at the first minibatch and the values noisy.
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    model.config.dropout = model.config.attn_dropout = 0.0
-    for m in model.modules():
-        if hasattr(m, "attn_dropout") and isinstance(m.attn_dropout, float):
-            m.attn_dropout = 0.0
-    return model
 
 
 def ppo_command(
@@ -602,8 +459,7 @@ def ppo_command(
     """
     t0 = time.time()
     policy_dir, out = Path(policy), Path(out)
-    if (out / "done.json").exists() and not resume:
-        raise UserError(f"{out} holds a finished PPO run; choose another --out or pass --resume")
+    check_out(out, resume, "PPO")
     if (reward is None) == (reward_fn is None):
         raise UserError("give exactly one of --reward (a reward-model folder) and --reward-fn (module:function)")
     if ptx_coef > 0 and ptx_data is None:
@@ -641,11 +497,11 @@ def ppo_command(
         ema_model = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
     # DDP or FSDP wrappers for the update; rollouts, scoring and checkpoints use the models themselves
     # (sharded in place by FSDP, together with the frozen ones, whose forwards every rank runs in step)
-    fwd_p, fwd_v = train.prepare_model(pol, runtime), train.prepare_model(value_model, runtime)
+    fwd_p, fwd_v = prepare_model(pol, runtime), prepare_model(value_model, runtime)
     if runtime.fsdp:
         for m in (ref, rm, ema_model):
             if m is not None:
-                train.shard_model(m, runtime)
+                shard_model(m, runtime)
     opt_p = train.make_optimizer(pol, tcfg, runtime)
     opt_v = train.make_optimizer(value_model, tcfg, runtime)
     kl_ctl = AdaptiveKL(beta, kl_target, cfg.kl_horizon)
@@ -667,7 +523,7 @@ def ppo_command(
     generator = torch.Generator(device=dev).manual_seed(seed)  # sampling noise of the global batch (every rank)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
 
-    ckpt = train.Checkpointer(out, keep_last=2)
+    ckpt = Checkpointer(out, keep_last=2)
     step = 0
     models = {"policy": pol, "value": value_model} | ({"ema": ema_model} if ema_model is not None else {})
     optimizers = {"policy": opt_p, "value": opt_v}
@@ -697,7 +553,7 @@ def ppo_command(
     while step < max_steps:
         step_t0 = time.time()
         # 1. rollout: every rank its slice of the global batch of prompts
-        idx = train.rank_rows(sampler.take(batch_size * W), runtime)
+        idx = rank_rows(sampler.take(batch_size * W), runtime)
         ro = rollout(pol, [prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, generator, runtime)
         texts = [tok.decode(r) for r in ro.response_lists()]
         t_gen = time.time() - step_t0
@@ -736,7 +592,6 @@ def ppo_command(
     ckpt.export(final, extra={"stage": stage})
     if not runtime.is_main:
         return
-    shutil.copy(policy_dir / "tokenizer.json", out / "tokenizer.json")
     summary = {"stage": stage, "steps": step, "seconds": time.time() - t0}
-    (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_done(out, summary, tokenizer_from=policy_dir)
     print(json.dumps(summary))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from instructgpt.errors import UserError
-from instructgpt.tokenizer import Tokenizer
+from .errors import UserError
+from .tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 META = "meta.json"
@@ -433,3 +433,24 @@ def load_shards(data_dir: str | Path) -> tuple[dict, list[np.memmap], list[np.me
             )
         out[split] = maps
     return meta, out["train"], out["val"]
+
+
+def read_meta(data: Path) -> dict:
+    """meta.json of a prepared data folder, with the vocabulary checked against the shard dtype."""
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such folder (run `instructgpt prepare --out {data}` first)")
+    meta_file = data / "meta.json"
+    if not meta_file.is_file():
+        raise UserError(f"--data {data} holds no meta.json and no token shards: "
+                        f"run `instructgpt prepare --out {data}` first")
+    try:
+        meta = json.loads(meta_file.read_text())
+        dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta_file} is not a valid shard index ({e!r})") from None
+    if dtype.kind != "u":
+        raise UserError(f"{meta_file}: shard dtype {dtype} is not an unsigned integer type")
+    if vocab_size < 1 or vocab_size - 1 > np.iinfo(dtype).max:
+        raise UserError(f"{meta_file}: vocab_size {vocab_size} does not fit the shard dtype {dtype} "
+                        f"(ids up to {np.iinfo(dtype).max}): the shards cannot hold this vocabulary")
+    return meta

@@ -25,8 +25,6 @@ decoder-only model does.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,63 +35,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_model
+from .batching import WindowSampler, prefix_lm_batch
+from .checkpoint import DONE, Checkpointer, check_out, load_model, write_done
+from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
+from .losses import seq2seq_loss_sum, token_cross_entropy
 from .model import PRESETS, ModelConfig, build_model
+from .prepare import load_shards, read_meta
 from .train import (
-    Checkpointer,
     MetricsLog,
     Progress,
-    Runtime,
     Timer,
     TrainConfig,
     config_dict,
     make_optimizer,
     mfu,
-    prepare_model,
-    rank_rows,
     setup,
-    token_cross_entropy,
     train_step,
     training_flops_per_token,
 )
 
-DONE = "done.json"
 _SHAPE_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256)  # the "tiny" preset
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data: random windows from memmapped shards
-
-
-class WindowSampler:
-    """Uniformly random windows of `window` consecutive tokens over a list of shards (a window never
-    spans two shards). One call draws a whole batch with numpy fancy indexing: no Python per token."""
-
-    def __init__(self, shards: list[np.memmap], window: int):
-        self.window = window
-        self.shards = [s for s in shards if len(s) >= window]
-        counts = np.array([len(s) - window + 1 for s in self.shards], dtype=np.int64)
-        self.ends = np.cumsum(counts)  # window starts of shard i are [ends[i-1], ends[i]) globally
-        self.starts = self.ends - counts
-        self.offsets = np.arange(window, dtype=np.int64)  # (W,)
-
-    @property
-    def n_windows(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def sample(self, rng: np.random.Generator, B: int) -> np.ndarray:
-        """(B, W) int64 token ids."""
-        g = rng.integers(0, self.n_windows, size=B)  # (B,) global window index
-        if len(self.shards) == 1:
-            return self.shards[0][g[:, None] + self.offsets].astype(np.int64)
-        which = np.searchsorted(self.ends, g, side="right")  # (B,) shard of each window
-        start = g - self.starts[which]
-        out = np.empty((B, self.window), dtype=np.int64)
-        for i in np.unique(which):
-            rows = which == i
-            out[rows] = self.shards[i][start[rows, None] + self.offsets]
-        return out
 
 
 def to_batch(windows: np.ndarray, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,25 +77,6 @@ def lm_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> t
 
 def n_targets(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     return batch[1].numel()
-
-
-def prefix_lm_batch(windows: np.ndarray, splits: np.ndarray, start_id: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Windows (B, 2T) cut at splits (B,) in [1, T] -> the encoder's src and src_mask (B, T): w[:s], right
-    padded; the decoder's tgt (B, T): start_id then w[s:s+T-1]; labels (B, T): w[s:s+T]."""
-    B, W = windows.shape
-    T = W // 2
-    cols = np.arange(T)
-    src_mask = cols[None, :] < splits[:, None]  # (B, T)
-    src = np.where(src_mask, windows[:, :T], pad_id)
-    labels = windows[np.arange(B)[:, None], splits[:, None] + cols[None, :]]  # (B, T) = w[s:s+T]
-    tgt = np.concatenate([np.full((B, 1), start_id, dtype=np.int64), labels[:, :-1]], axis=1)
-    return {"src": torch.from_numpy(src), "src_mask": torch.from_numpy(src_mask.astype(np.int64)),
-            "tgt": torch.from_numpy(tgt), "labels": torch.from_numpy(np.ascontiguousarray(labels))}
-
-
-def seq2seq_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(batch["src"], batch["tgt"], src_mask=batch["src_mask"])  # (B, T, V)
-    return token_cross_entropy(logits, batch["labels"])
 
 
 def seq2seq_n_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -194,27 +141,6 @@ def evaluate(model: nn.Module, sampler: WindowSampler, iters: int, batch_size: i
 # Checking the inputs before anything runs
 
 
-def read_meta(data: Path) -> dict:
-    """meta.json of a prepared data folder, with the vocabulary checked against the shard dtype."""
-    if not data.is_dir():
-        raise UserError(f"--data {data}: no such folder (run `instructgpt prepare --out {data}` first)")
-    meta_file = data / "meta.json"
-    if not meta_file.is_file():
-        raise UserError(f"--data {data} holds no meta.json and no token shards: "
-                        f"run `instructgpt prepare --out {data}` first")
-    try:
-        meta = json.loads(meta_file.read_text())
-        dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{meta_file} is not a valid shard index ({e!r})") from None
-    if dtype.kind != "u":
-        raise UserError(f"{meta_file}: shard dtype {dtype} is not an unsigned integer type")
-    if vocab_size < 1 or vocab_size - 1 > np.iinfo(dtype).max:
-        raise UserError(f"{meta_file}: vocab_size {vocab_size} does not fit the shard dtype {dtype} "
-                        f"(ids up to {np.iinfo(dtype).max}): the shards cannot hold this vocabulary")
-    return meta
-
-
 def model_config(preset: str | None, vocab_size: int, n_layer, n_head, n_embd, block_size, dropout: float,
                  family: str, arch: str = "gpt", n_encoder_layer: int | None = None) -> tuple[ModelConfig, int]:
     """The model to train and the training window. A preset fixes the model's context; --block-size may
@@ -242,19 +168,6 @@ def model_config(preset: str | None, vocab_size: int, n_layer, n_head, n_embd, b
     except ValueError as e:
         raise UserError(str(e)) from None
     return cfg, window
-
-
-def check_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if resume:
-        return
-    if (out / DONE).is_file():
-        raise UserError(f"--out {out} holds a finished pretraining run ({DONE}); pass --resume to keep it "
-                        "(or train further with a larger --max-steps), or choose another --out")
-    if Checkpointer(out).latest() is not None:
-        raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it, "
-                        "or choose another --out")
 
 
 def special_ids(data: Path, meta: dict) -> tuple[int, int]:
@@ -408,7 +321,6 @@ def pretrain_command(
                       checkpoint_interval=checkpoint_interval, keep_last=keep_last, fsdp=fsdp)
     cfg.validate()
     read_meta(data)
-    from .prepare import load_shards
 
     meta, train_shards, val_shards = load_shards(data)
     model_cfg, T = model_config(preset, int(meta["vocab_size"]), n_layer, n_head, n_embd, block_size, dropout,
@@ -422,7 +334,7 @@ def pretrain_command(
         raise UserError(f"{data}: the longest train shard holds {longest} tokens, fewer than one window of "
                         f"{what} = {objective.window}; lower --block-size or prepare more data")
     val_data = WindowSampler(val_shards, objective.window)
-    check_out(out, resume)
+    check_out(out, resume, "pretraining")
 
     # 2. set up: runtime, model, optimizer, and the state of a resumed run
     runtime = setup(cfg)
@@ -512,15 +424,11 @@ def pretrain_command(
     # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
     ckpt.export(raw, extra={"stage": "pretrain", "objective": run_config["objective"]})
     if runtime.is_main:
-        if (data / "tokenizer.json").is_file():
-            shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
         if samples:
             # a sharded model generates only with every rank: rank 0 reads back the exported one
             write_samples(load_model(out, device=runtime.device) if runtime.fsdp else raw, data, out, samples, seed)
         done_info = {"stage": "pretrain", "step": cfg.max_steps, "val_loss": state["val_loss"],
                      "train_loss": state["train_loss"], "tokens": state["tokens"],
                      "seconds": round(clock.total(), 2)}
-        tmp = out / f".{DONE}.tmp"
-        tmp.write_text(json.dumps(done_info, indent=2) + "\n")
-        os.replace(tmp, out / DONE)
+        write_done(out, done_info, tokenizer_from=data if (data / "tokenizer.json").is_file() else None)
         say(f"done: val loss {state['val_loss']}, {clock.total():.1f} s; wrote {out}")

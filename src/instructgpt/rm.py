@@ -20,27 +20,26 @@ that `collect` writes) is encoded without the end token, as PPO scores such a ro
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import train
+from .batching import EpochSampler, pad
 from .chat import render_prompt, render_response
-from .checkpoint import load_model, read_config
-from .data import Comparison, iter_records, read_comparisons, read_examples
+from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
+from .data import Comparison, ended_flags, read_examples, read_rankings, split_comparisons
+from .distributed import all_reduce_sums, prepare_model, rank_rows
 from .errors import UserError
-from .model import ScalarModel, last_token_index
-from .sft import EpochSampler
+from .losses import ranking_loss, rewards_of
+from .model import ScalarModel
 from .tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------
-# Scoring: the one function PPO, evaluation and the server call
+# Scoring
 
 
 def encode_pair(tok: Tokenizer, prompt_messages: list[dict], response: str, max_length: int,
@@ -51,27 +50,6 @@ def encode_pair(tok: Tokenizer, prompt_messages: list[dict], response: str, max_
     reply = render_response(tok, response) if ended else tok.encode(response)
     ids = render_prompt(tok, prompt_messages) + reply
     return ids[-max_length:]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask (N, T), padded on `side` ("left" or "right") to the longest sequence."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def rewards_of(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reward (N,) of each row: the value at its last real token, in fp32. Calls the module itself (not
-    `.score`) so that it works through torch.compile and DDP wrappers."""
-    values = model(ids, mask).float()  # (N, T)
-    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
 @torch.no_grad()
@@ -89,7 +67,7 @@ def score_sequences(rm: ScalarModel, seqs: list[list[int]], pad_id: int, batch_s
     try:
         out = []
         for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_batch(seqs[i:i + batch_size], pad_id, padding_side)
+            ids, mask = pad(seqs[i:i + batch_size], pad_id, padding_side)
             out.append(rewards_of(rm, ids.to(device), mask.to(device)))
     finally:
         rm.train(was)
@@ -112,63 +90,10 @@ def score_responses(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], 
 # The loss
 
 
-def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Sum over prompts of the mean pairwise loss of each prompt (paper equation 1).
-
-    Args:
-        rewards: (N,) one reward per completion, all prompts' completions concatenated.
-        pairs: (P, 2) indices into `rewards`: (winner, loser).
-        group: (P,) the prompt each pair belongs to, in [0, n_groups).
-    Returns:
-        a scalar: sum over prompts of -1/C(K,2) * sum over the prompt's pairs of log sigmoid(r_w - r_l).
-    """
-    pair_loss = -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]])  # (P,)
-    per_prompt = torch.zeros(n_groups, dtype=pair_loss.dtype, device=pair_loss.device)
-    per_prompt.index_add_(0, group, pair_loss)
-    count = torch.zeros(n_groups, dtype=pair_loss.dtype, device=pair_loss.device)
-    count.index_add_(0, group, torch.ones_like(pair_loss))
-    return (per_prompt / count).sum()
-
-
 @dataclass
 class EncodedComparison:
     seqs: list[list[int]]  # K full sequences
     pairs: list[tuple[int, int]]  # (winner, loser) indices into seqs
-
-
-def ended_flags(c: Comparison) -> list[bool] | None:
-    """The comparison's "ended" flags (one per completion; all True when absent), or None if malformed."""
-    ended = c.meta.get("ended")
-    if ended is None:
-        return [True] * len(c.completions)
-    if not isinstance(ended, list) or len(ended) != len(c.completions) or not all(isinstance(e, bool) for e in ended):
-        return None
-    return list(ended)
-
-
-def _ended_error(path: Path) -> UserError:
-    """The file:line of the first record whose "ended" field does not fit its completions."""
-    for number, rec in iter_records(path):
-        if "ended" not in rec:
-            continue
-        k = len(rec["completions"]) if isinstance(rec.get("completions"), list) else 2
-        e = rec["ended"]
-        if not isinstance(e, list) or len(e) != k or not all(isinstance(x, bool) for x in e):
-            return UserError(f'{path}:{number}: field "ended": expected a list of {k} booleans (one per '
-                             f"completion: did the reply end with the end token), got {json.dumps(e)[:80]}")
-    return UserError(f'{path}: a record has a malformed "ended" field')
-
-
-def read_rankings(paths: list[Path], skip_invalid: bool = False) -> list[Comparison]:
-    """Comparisons from every file (rankings, pairs, Anthropic HH), with their optional "ended" flags
-    checked; errors name the file, the line and the field."""
-    comps: list[Comparison] = []
-    for p in paths:
-        got = read_comparisons(p, skip_invalid=skip_invalid)
-        if any(ended_flags(c) is None for c in got):
-            raise _ended_error(Path(p))
-        comps.extend(got)
-    return comps
 
 
 def encode_comparisons(tok: Tokenizer, comps: list[Comparison], max_length: int) -> list[EncodedComparison]:
@@ -188,7 +113,7 @@ def make_batch(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.T
         pairs.extend((offset + w, offset + l) for w, l in item.pairs)
         group.extend([g] * len(item.pairs))
         offset += len(item.seqs)
-    ids, mask = pad_batch(seqs, pad_id, "left")
+    ids, mask = pad(seqs, pad_id, "left")
     return {"ids": ids, "attention_mask": mask, "pairs": torch.tensor(pairs, dtype=torch.long),
             "group": torch.tensor(group, dtype=torch.long), "n_groups": torch.tensor(len(items))}
 
@@ -226,14 +151,6 @@ def normalise_bias(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], r
     with torch.no_grad():
         rm.score_head.bias -= mean
     return mean
-
-
-def split_comparisons(comps: list[Comparison], val_fraction: float, seed: int
-                      ) -> tuple[list[Comparison], list[Comparison]]:
-    """(train, validation): a seeded random `val_fraction` of the prompts is held out."""
-    order = np.random.default_rng([seed, 13]).permutation(len(comps))
-    n_val = max(1, int(round(len(comps) * val_fraction))) if val_fraction > 0 and len(comps) > 1 else 0
-    return [comps[i] for i in order[n_val:]], [comps[i] for i in order[:n_val]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +213,9 @@ def rm_command(
     """
     t0 = time.time()
     init, out = Path(init), Path(out)
-    if (summary := train.finished_summary(out, resume, "reward-model")) is not None:
+    check_out(out, resume, "reward-model")
+    if resume and (summary := read_done(out)) is not None:
+        print(json.dumps(summary))
         return summary
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -339,10 +258,10 @@ def rm_command(
     every = eval_interval or max(1, total_steps // 5)
 
     # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
-    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
+    fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
     sampler = EpochSampler(len(trn), seed)
-    ckpt = train.Checkpointer(out, keep_last=keep_last)
+    ckpt = Checkpointer(out, keep_last=keep_last)
     if ckpt.latest() is not None and not resume:
         raise UserError(f"{out} holds checkpoints of an unfinished reward-model run; pass --resume to continue it, "
                         "or choose another --out")
@@ -367,13 +286,13 @@ def rm_command(
     progress = train.Progress(total_steps, "reward model", start=step)
     model.train()
     while step < total_steps:
-        micro = [make_batch([trn[i] for i in train.rank_rows(sampler.take(batch_size * runtime.world_size), runtime)],
+        micro = [make_batch([trn[i] for i in rank_rows(sampler.take(batch_size * runtime.world_size), runtime)],
                             tok.pad_id) for _ in range(grad_accum)]
         micro = [{k: v.to(runtime.device) for k, v in b.items()} for b in micro]
         seen.clear()
         stats = train.train_step(fwd, optimizer, micro, loss_sum, n_prompts, tcfg, runtime, step)
         step += 1
-        sums = train.all_reduce_sums(seen, runtime)
+        sums = all_reduce_sums(seen, runtime)
         row = {"step": step, "loss": stats["loss"], "accuracy": sums["correct"] / sums["pairs"],
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "prompts": stats["tokens"]}
         if val and (step % every == 0 or step == total_steps):
@@ -396,7 +315,6 @@ def rm_command(
                "val_pairs": acc["pairs"] if acc else 0, "normalised_on": norm_source, "bias_shift": shift,
                "seconds": round(time.time() - t0, 2)}
     if runtime.is_main:
-        shutil.copy(init / "tokenizer.json", out / "tokenizer.json")
-        (out / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_done(out, summary, tokenizer_from=init)
         print(json.dumps(summary))
     return summary

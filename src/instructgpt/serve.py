@@ -43,12 +43,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instructgpt.chat import render_prompt
-from instructgpt.chat_cli import TextStream
-from instructgpt.errors import UserError
-from instructgpt.generate import SamplingParams, stream
-from instructgpt.model import Seq2Seq
-from instructgpt.tokenizer import Tokenizer
+from .chat import TextStream, render_prompt
+from .errors import UserError
+from .generate import SamplingParams, stream
+from .model import Seq2Seq
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -508,8 +507,8 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
 
 def load_app(folder: str | Path, device: str = "auto", config: ServerConfig | None = None) -> FastAPI:
     """create_app for a model folder (model.safetensors, config.json, tokenizer.json)."""
-    from instructgpt.checkpoint import load_model
-    from instructgpt.train import resolve_device
+    from .checkpoint import load_model
+    from .distributed import resolve_device
 
     folder = Path(folder)
     tok = Tokenizer.load(folder / "tokenizer.json")

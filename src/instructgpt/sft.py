@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +41,19 @@ import torch
 import torch.nn as nn
 
 from . import train
-from .chat import render, render_prompt, render_response
-from .checkpoint import load_model, read_config
+from .batching import IGNORE, EpochSampler, PretrainWindows, pack_batch, pad, to_device
+from .chat import render, render_prompt, render_response, replies
+from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, write_done
 from .data import Example, Prompt, read_examples, read_prompts
+from .distributed import prepare_model, rank_rows
 from .errors import UserError
-from .model import Seq2Seq
+from .losses import token_cross_entropy
+from .model import Seq2Seq, set_dropout
+from .prepare import read_meta
 from .tokenizer import Tokenizer
-
-IGNORE = -100
-DONE = "done.json"
-
+from .world.judge import summarise
+from .world.labeler import Labeler
+from .world.world import FAMILIES, World, sample_prompt
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Encode the data
@@ -114,101 +115,20 @@ def encode_all(tok: Tokenizer, examples: list[Example], max_length: int, seq2seq
 
 def pad_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids, labels and attention mask (B, T); seq2seq adds src and src_mask (B, S)."""
-    T = max(len(e.ids) for e in items)
-    B = len(items)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, e in enumerate(items):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+    ids, mask = pad([e.ids for e in items], pad_id)
+    labels, _ = pad([e.labels for e in items], IGNORE)
     batch = {"ids": ids, "labels": labels, "attention_mask": mask}
     if items[0].src is not None:
-        S = max(len(e.src) for e in items)
-        src = torch.full((B, S), pad_id, dtype=torch.long)
-        src_mask = torch.zeros((B, S), dtype=torch.long)
-        for i, e in enumerate(items):
-            src[i, : len(e.src)] = torch.tensor(e.src)
-            src_mask[i, : len(e.src)] = 1
-        batch |= {"src": src, "src_mask": src_mask}
+        batch["src"], batch["src_mask"] = pad([e.src for e in items], pad_id)
     return batch
-
-
-def pack_batch(items: list[Encoded], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
-    """Examples laid end to end in rows of `row_length` (first fit, in order; an example never spans two
-    rows). `segment_ids` keep examples from attending to each other; `position_ids` restart at 0 for each
-    example. Padding gets its own segment (-1) and no label."""
-    rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for e in items:
-        for r, free in enumerate(room):
-            if len(e.ids) <= free:
-                rows[r].append(e)
-                room[r] -= len(e.ids)
-                break
-        else:
-            rows.append([e])
-            room.append(row_length - len(e.ids))
-    B = len(rows)
-    T = max(row_length - free for free in room)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    for r, row in enumerate(rows):
-        t = 0
-        for s, e in enumerate(row):
-            n = len(e.ids)
-            ids[r, t : t + n] = torch.tensor(e.ids)
-            labels[r, t : t + n] = torch.tensor(e.labels)
-            seg[r, t : t + n] = s
-            pos[r, t : t + n] = torch.arange(n)
-            t += n
-    return {"ids": ids, "labels": labels, "segment_ids": seg, "position_ids": pos}
 
 
 def make_batch(items: list[Encoded], pad_id: int, packing: bool, row_length: int) -> dict[str, torch.Tensor]:
     return pack_batch(items, pad_id, row_length) if packing else pad_batch(items, pad_id)
 
 
-class EpochSampler:
-    """Shuffled passes over the examples, with a position that a checkpoint saves and restores exactly."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self.epoch, self.pos = 0, 0
-        self._order = self._perm(0)
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._perm(self.epoch)
-            take = min(k - len(out), self.n - self.pos)
-            out.extend(self._order[self.pos : self.pos + take].tolist())
-            self.pos += take
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._perm(self.epoch)
-
-
 # ----------------------------------------------------------------------------------------------------
 # 3. The loss
-
-
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,7 +146,7 @@ def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over target tokens of -log p(target): prompt and padding positions carry IGNORE labels."""
-    return train.token_cross_entropy(logits_of(model, batch), batch["labels"], ignore_index=IGNORE)
+    return token_cross_entropy(logits_of(model, batch), batch["labels"], ignore_index=IGNORE)
 
 
 def n_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -252,49 +172,6 @@ def mean_loss(model: nn.Module, data: list[Encoded], pad_id: int, batch_size: in
 # 4. Pretraining windows for --ptx-fraction
 
 
-class PretrainWindows:
-    """Random windows from prepared shards, as an SFT-shaped batch: `block_size + 1` tokens for a
-    decoder-only model ({"ids", "labels"}); for an encoder-decoder (`seq2seq_start` = its decoder's start
-    id) 2 x block_size tokens cut as in prefix-LM pretraining ({"src", "src_mask", "ids", "labels"})."""
-
-    def __init__(self, data_dir: Path, block_size: int, seed: int, seq2seq_start: int | None = None,
-                 pad_id: int = 0):
-        from .prepare import load_shards
-
-        meta, self.shards, _ = load_shards(data_dir)
-        self.vocab_size = int(meta["vocab_size"])
-        self.window = 2 * block_size if seq2seq_start is not None else block_size + 1
-        self.shards = [s for s in self.shards if len(s) >= self.window]
-        if not self.shards:
-            raise UserError(f"{data_dir}: no train shard holds one window of {self.window} tokens")
-        self.block_size = block_size
-        self.seq2seq_start, self.pad_id = seq2seq_start, pad_id
-        self.rng = np.random.default_rng([seed, 7])
-
-    def batch(self, n: int) -> dict[str, torch.Tensor]:
-        shard_ix = self.rng.integers(len(self.shards), size=n)
-        rows = []
-        for s in shard_ix:
-            shard = self.shards[s]
-            start = int(self.rng.integers(len(shard) - self.window + 1))
-            rows.append(np.asarray(shard[start : start + self.window], dtype=np.int64))
-        w = np.stack(rows)
-        if self.seq2seq_start is None:
-            t = torch.from_numpy(w)
-            return {"ids": t[:, :-1], "labels": t[:, 1:]}
-        from .pretrain import prefix_lm_batch
-
-        splits = self.rng.integers(1, self.block_size + 1, size=n)
-        b = prefix_lm_batch(w, splits, self.seq2seq_start, self.pad_id)
-        return {"src": b["src"], "src_mask": b["src_mask"], "ids": b["tgt"], "labels": b["labels"]}
-
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    def restore(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
-
-
 def check_same_tokenizer(tok: Tokenizer, data_dir: Path) -> None:
     """The pretraining shards must be token ids of the model's own tokenizer."""
     other_file = Path(data_dir) / "tokenizer.json"
@@ -317,7 +194,7 @@ def check_same_tokenizer(tok: Tokenizer, data_dir: Path) -> None:
 class LabelerSelection:
     """The labeler and the prompts it judges at every evaluation."""
 
-    labeler: object  # world.Labeler
+    labeler: Labeler
     prompts: list[Prompt]
     records: list[dict]  # {"prompt", "family", "meta", "id"}: what the labeler needs
     max_new_tokens: int
@@ -327,8 +204,6 @@ def selection_prompts(world_dir: Path, n: int, seed: int) -> tuple[list[Prompt],
     """`n` prompts about the world's held-out content (people, words and sums no training prompt uses),
     the task families in turn, none of them in WORLD/prompts_eval.jsonl: choosing the model must not peek
     at the prompts the evaluation reports."""
-    from .world.world import FAMILIES, World, sample_prompt
-
     world = World.load(world_dir)
     eval_file = Path(world_dir) / "prompts_eval.jsonl"
     taken = {p.messages[-1]["content"] for p in read_prompts(eval_file)} if eval_file.is_file() else set()
@@ -354,8 +229,6 @@ def selection_prompts(world_dir: Path, n: int, seed: int) -> tuple[list[Prompt],
 
 def labeler_score(model: nn.Module, tok: Tokenizer, sel: LabelerSelection, batch_size: int) -> float:
     """The labeler's mean score of the model's greedy replies to the selection prompts."""
-    from .evaluate import replies, summarise
-
     answers = replies(model, tok, sel.prompts, False, sel.max_new_tokens, batch_size)
     return summarise(sel.labeler, sel.prompts, sel.records, answers)["labeler_score"]
 
@@ -383,24 +256,6 @@ def split_val(examples: list[Example], val_fraction: float, seed: int) -> tuple[
     if not trn:
         raise UserError("no training examples left after the validation split")
     return trn, val
-
-
-def check_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if resume:
-        return
-    if (out / DONE).is_file():
-        raise UserError(f"--out {out} holds a finished SFT run ({DONE}); choose another --out or pass --resume")
-    if train.Checkpointer(out).latest() is not None:
-        raise UserError(f"--out {out} holds checkpoints of an unfinished SFT run; pass --resume to continue it, "
-                        "or choose another --out")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def sft_command(
@@ -502,7 +357,7 @@ def sft_command(
                         ("--select-prompts", select_prompts), ("--select-max-new-tokens", select_max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    check_out(out, resume)
+    check_out(out, resume, "SFT")
     base = read_config(init)
     if base["kind"] not in ("gpt", "seq2seq"):
         raise UserError(f"{init}: SFT needs a language model, found a {base['kind']!r} checkpoint")
@@ -511,8 +366,6 @@ def sft_command(
         raise UserError(f"{init}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
                         f"{base['model']['vocab_size']}")
     if ptx_data is not None and ptx_fraction > 0:
-        from .pretrain import read_meta
-
         read_meta(Path(ptx_data))
         check_same_tokenizer(tok, Path(ptx_data))
     examples = load_data(data, skip_invalid)
@@ -532,17 +385,13 @@ def sft_command(
     val = encode_all(tok, val_ex, max_length, seq2seq, "validation data") if val_ex else []
     sel = None
     if select_by == "labeler":
-        from .world.labeler import Labeler
-
         sel_prompts, sel_records = selection_prompts(Path(world), select_prompts, seed)
         sel = LabelerSelection(Labeler.load(world, seed=seed), sel_prompts, sel_records,
                                min(select_max_new_tokens, cfg.block_size // 2))
 
     # 2. runtime, schedule, model, optimizer
     base_dropout = cfg.dropout
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = dropout
+    set_dropout(model, dropout)
     cfg.dropout = dropout
     tcfg = train.TrainConfig(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps or 0,
@@ -555,7 +404,7 @@ def sft_command(
         tcfg.warmup_steps = max(1, round(0.05 * total_steps))
     eval_every = eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
     save_every = checkpoint_interval or eval_every
-    fwd = train.prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
+    fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
     sampler = EpochSampler(len(trn), seed)
     ptx = None
@@ -567,7 +416,7 @@ def sft_command(
     metric = "labeler_score" if sel is not None else "val_loss"
     better = (lambda a, b: a > b) if sel is not None else (lambda a, b: a < b)
     selects = sel is not None or bool(val)
-    ckpt = train.Checkpointer(out, keep_last=2)
+    ckpt = Checkpointer(out, keep_last=2)
     step, best = 0, {"metric": metric, "value": None, "step": 0}
 
     def say(message: str) -> None:
@@ -610,11 +459,11 @@ def sft_command(
     while step < total_steps:
         micro = []
         for _ in range(grad_accum):
-            items = [trn[i] for i in train.rank_rows(sampler.take(batch_size * W), runtime)]
+            items = [trn[i] for i in rank_rows(sampler.take(batch_size * W), runtime)]
             micro.append(to_device(make_batch(items, tok.pad_id, packing, max_length), runtime.device))
         for i in range(0, n_ptx, batch_size):
             windows = ptx.batch(W * min(batch_size, n_ptx - i))
-            micro.append(to_device(train.rank_rows(windows, runtime), runtime.device))
+            micro.append(to_device(rank_rows(windows, runtime), runtime.device))
         stats = train.train_step(fwd, optimizer, micro, sft_loss_sum, n_targets, tcfg, runtime, step)
         step += 1
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **stats}
@@ -644,11 +493,8 @@ def sft_command(
                               "selected_step": best["step"] if selects else step, "sft_dropout": dropout})
     if not runtime.is_main:
         return
-    tmp_tok = out / ".tokenizer.json.tmp"
-    shutil.copyfile(init / "tokenizer.json", tmp_tok)
-    os.replace(tmp_tok, out / "tokenizer.json")
     summary = {"stage": "sft", "steps": step, "examples": len(trn), "val_examples": len(val),
                "selected_by": metric if selects else "last", "selected_step": best["step"] if selects else step,
                "best": best["value"] if selects else None, "seconds": round(time.time() - t0, 2)}
-    _write_json_atomic(out / DONE, summary)
+    write_done(out, summary, tokenizer_from=init)
     print(json.dumps(summary))
