@@ -670,7 +670,7 @@ def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None,
     sizes = sizes or WorldSizes()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        from instructgpt.errors import UserError
+        from ..errors import UserError
 
         raise UserError(f"{out} exists and is not an empty folder; choose a new --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
