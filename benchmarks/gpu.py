@@ -1,4 +1,4 @@
-"""GPU benchmarks on one H200 (see /work/shared/BENCHMARKS.md): first correctness, then speed.
+"""GPU benchmarks on one H200 (see ../shared/BENCHMARKS.md): first correctness, then speed.
 
     python benchmarks/gpu.py               # every section on cuda, about 5-6 minutes on an H200
     python benchmarks/gpu.py --dry-run     # every section on the CPU at toy sizes (a few minutes)

@@ -1,4 +1,4 @@
-"""CPU pretraining against nanoGPT's "baby Shakespeare" (see /work/shared/BENCHMARKS.md).
+"""CPU pretraining against nanoGPT's "baby Shakespeare" (see ../shared/BENCHMARKS.md).
 
 Same task as nanoGPT's `config/train_shakespeare_char.py` run with `--device=cpu --compile=False
 --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from instructgpt.pretrain import pretrain_command
+from instructgpt.recipe import call
 from instructgpt.tokenizer import Tokenizer
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -59,10 +60,10 @@ def char_shards(text_file: Path, folder: Path) -> Path:
 
 def run(data: Path, out: Path, variant: str, max_steps: int, log_interval: int, seed: int = 1337) -> dict:
     t0 = time.perf_counter()
-    pretrain_command(
-        data, out, n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12, lr=1e-3,
-        min_lr=1e-4, warmup_steps=100, max_steps=max_steps, weight_decay=0.1, beta2=0.99, grad_clip=1.0,
-        eval_interval=250, eval_iters=20, log_interval=log_interval, checkpoint_interval=max_steps,
+    call(
+        pretrain_command, data=data, out=out, n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+        batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=max_steps, weight_decay=0.1, beta2=0.99,
+        grad_clip=1.0, eval_interval=250, eval_iters=20, log_interval=log_interval, checkpoint_interval=max_steps,
         samples=0, seed=seed, device="cpu", **VARIANTS[variant],
     )
     wall = time.perf_counter() - t0

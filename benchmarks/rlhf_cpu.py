@@ -1,4 +1,4 @@
-"""RLHF stages on the CPU against Hugging Face TRL (see /work/shared/BENCHMARKS.md, "RLHF stages").
+"""RLHF stages on the CPU against Hugging Face TRL (see ../shared/BENCHMARKS.md, "RLHF stages").
 
 A randomly initialised GPT-2-style model of 4 layers, 4 heads, 128 dims, vocabulary 512 (0.9M parameters),
 fp32, no dropout, 2 threads; synthetic token data: prompts of 47..51 tokens (mean 49), completions of 46..50

@@ -12,10 +12,12 @@ import torch
 
 from instructgpt import collect as collect_module
 from instructgpt.checkpoint import save_model
+from instructgpt.cli import main
 from instructgpt.collect import collect_command
 from instructgpt.data import read_comparisons, read_rankings
 from instructgpt.errors import UserError
 from instructgpt.model import GPT, ModelConfig
+from instructgpt.recipe import call
 from instructgpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from instructgpt.world import Labeler, WorldSizes, write_world
 
@@ -61,7 +63,8 @@ def setup(tmp_path_factory) -> dict:
 
 def collect(setup: dict, out: str, **kw) -> dict:
     args = dict(k_min=3, k_max=6, max_new_tokens=4, batch_size=16, seed=5, device="cpu") | kw
-    return collect_command(setup["policy"], setup["prompts"], setup["root"] / out, setup["world"], **args)
+    return call(collect_command, init=setup["policy"], prompts=setup["prompts"], out=setup["root"] / out,
+                world=setup["world"], **args)
 
 
 def test_collect_writes_valid_rankings_and_is_deterministic(setup: dict) -> None:
@@ -117,8 +120,12 @@ def test_collect_rejects_bad_flags_and_foreign_prompts(setup: dict, tmp_path: Pa
     foreign = tmp_path / "prompts.jsonl"
     foreign.write_text(json.dumps({"prompt": "abc"}) + "\n")
     with pytest.raises(UserError, match="world prompts"):
-        collect_command(setup["policy"], foreign, tmp_path / "out.jsonl", setup["world"], device="cpu")
+        call(collect_command, init=setup["policy"], prompts=foreign, out=tmp_path / "out.jsonl", world=setup["world"],
+             device="cpu")
     assert not (setup["root"] / "e.jsonl").exists() and not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl.args.json").exists()
+    with pytest.raises(UserError, match="folder"):  # --out is the rankings file
+        collect(setup, str(tmp_path))
 
 
 def test_sample_responses_gives_k_replies_per_prompt(setup: dict) -> None:
@@ -133,3 +140,50 @@ def test_sample_responses_gives_k_replies_per_prompt(setup: dict) -> None:
                                           torch.Generator().manual_seed(0))
     assert [len(g) for g in got] == [1, 0, 3, 2, 4]
     assert all(len(tok.encode(t)) <= 3 for g in got for t, _ in g)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: a recipe file, flags on top of it
+
+
+def test_collect_from_a_recipe_file_and_a_flag(setup: dict, tmp_path: Path) -> None:
+    recipe = tmp_path / "collect.yaml"
+    out = tmp_path / "rankings.jsonl"
+    recipe.write_text(f"""\
+init: {setup["policy"]}
+prompts: {setup["prompts"]}
+out: {out}
+world: {setup["world"]}
+k-min: 3
+k_max: 4
+max_new_tokens: 4
+max-prompts: 6
+temperature: 0.8
+seed: 9
+device: cpu
+""")
+    main(["collect", "--config", str(recipe), "--seed", "5"])
+    args = json.loads((tmp_path / "rankings.jsonl.args.json").read_text())  # beside the rankings file
+    assert args["seed"] == 5  # the flag beats the file
+    assert (args["init"], args["out"]) == (str(setup["policy"]), str(out))
+    assert (args["k_min"], args["k_max"], args["max_new_tokens"], args["max_prompts"], args["temperature"]) == (
+        3, 4, 4, 6, 0.8)
+    assert (args["batch_size"], args["resample_rounds"]) == (64, 3)  # the defaults
+    rows = [json.loads(line) for line in open(out)]
+    assert 0 < len(rows) <= 6 and all(3 <= len(r["completions"]) <= 4 for r in rows)
+    # the args file is itself a recipe: it reproduces the rankings
+    again = tmp_path / "again.jsonl"
+    main(["collect", "--config", str(tmp_path / "rankings.jsonl.args.json"), "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_collect_recipe_with_a_misspelled_key_fails(setup: dict, tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "collect.yaml"
+    recipe.write_text(f"policy: {setup['policy']}\nprompts: {setup['prompts']}\nout: {tmp_path / 'r.jsonl'}\n"
+                      f"world: {setup['world']}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--config", str(recipe)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "'policy'" in err and str(recipe) in err, err  # --policy is --init now, as in every other command
+    assert not (tmp_path / "r.jsonl").exists()

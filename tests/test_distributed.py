@@ -32,6 +32,7 @@ from instructgpt.model import ScalarModel
 from instructgpt.ppo import ppo_command
 from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
+from instructgpt.recipe import call
 from instructgpt.rm import rm_command
 from instructgpt.sft import sft_command
 
@@ -109,7 +110,7 @@ PRETRAIN = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, warmup_steps=2, e
 
 def test_pretrain_ddp_and_fsdp_match_one_process_and_fsdp_resumes_exactly(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
-    pretrain_command(data, tmp_path / "one", batch_size=8, grad_accum=2, **PRETRAIN)
+    call(pretrain_command, data=data, out=tmp_path / "one", batch_size=8, grad_accum=2, **PRETRAIN)
     torchrun("pretrain", *flags(data=data, out=tmp_path / "ddp", batch_size=4, grad_accum=2, **PRETRAIN))
     torchrun("pretrain", *flags(data=data, out=tmp_path / "fsdp", batch_size=4, grad_accum=2, **PRETRAIN), "--fsdp")
     for two in ("ddp", "fsdp"):
@@ -137,7 +138,7 @@ def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> 
     common = dict(max_steps=3, lr=1e-3, warmup_steps=1, log_interval=1, eval_interval=3, val_fraction=0.25,
                   max_length=64, device="cpu")
 
-    rm_command(run["sft"], [run["rankings"]], tmp_path / "rm1", batch_size=4, **common)
+    call(rm_command, init=run["sft"], data=[run["rankings"]], out=tmp_path / "rm1", batch_size=4, **common)
     torchrun("rm", *flags(init=run["sft"], data=[run["rankings"]], out=tmp_path / "rm2", batch_size=2, **common))
     assert_same_trajectory(tmp_path / "rm1", tmp_path / "rm2",
                            ("loss", "accuracy", "grad_norm", "prompts", "val_accuracy", "val_loss"))
@@ -145,7 +146,7 @@ def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> 
     # rounding noise, which Adam scales up to lr-sized steps: that tensor agrees to about lr / 10 only.
     assert_close_weights(tmp_path / "rm1", tmp_path / "rm2", atol=1e-4)
 
-    dpo_command(run["sft"], [run["rankings"]], tmp_path / "dpo1", batch_size=8, **common)
+    call(dpo_command, init=run["sft"], data=[run["rankings"]], out=tmp_path / "dpo1", batch_size=8, **common)
     torchrun("dpo", *flags(init=run["sft"], data=[run["rankings"]], out=tmp_path / "dpo2", batch_size=4, **common))
     assert_same_trajectory(tmp_path / "dpo1", tmp_path / "dpo2",
                            ("loss", "grad_norm", "pairs", "rewards/chosen", "rewards/margins", "eval/loss"))
@@ -179,13 +180,13 @@ def test_sft_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
     run = rlhf_run
     common = dict(data=[run["demos"]], max_steps=4, lr=1e-3, warmup_steps=1, dropout=0.0, log_interval=1,
                   eval_interval=2, ptx_fraction=0.2, ptx_data=run["data"], device="cpu")
-    sft_command(run["sft"], out=tmp_path / "one", batch_size=8, **common)
+    call(sft_command, init=run["sft"], out=tmp_path / "one", batch_size=8, **common)
     torchrun("sft", *flags(init=run["sft"], out=tmp_path / "ddp", batch_size=4, **common))
     assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", ("loss", "grad_norm", "tokens", "val_loss"))
     assert_close_weights(tmp_path / "one", tmp_path / "ddp")
 
     packed = dict(common, select_by="labeler", world=run["world"], select_prompts=4, select_max_new_tokens=8)
-    sft_command(run["sft"], out=tmp_path / "one_packed", batch_size=8, packing=True, **packed)
+    call(sft_command, init=run["sft"], out=tmp_path / "one_packed", batch_size=8, packing=True, **packed)
     torchrun("sft", *flags(init=run["sft"], out=tmp_path / "fsdp", batch_size=4, **packed), "--packing", "--fsdp")
     assert_same_trajectory(tmp_path / "one_packed", tmp_path / "fsdp",
                            ("loss", "grad_norm", "tokens", "val_loss", "labeler_score"))
@@ -202,10 +203,10 @@ def test_ppo_on_two_ranks_matches_one_process(rlhf_run, tmp_path: Path) -> None:
     PPO-ptx and an EMA under DDP: the logged trajectory and the exported policy of 2 ranks x 4 prompts are
     those of 1 process x 8."""
     run = rlhf_run
-    common = dict(policy=run["sft"], reward=run["rm"], prompts=run["prompts"], max_steps=3, max_new_tokens=8,
+    common = dict(init=run["sft"], reward=run["rm"], prompts=run["prompts"], max_steps=3, max_new_tokens=8,
                   lr=3e-3, warmup_steps=1, minibatches=1, ppo_epochs=2, kl_target=0.5, ema=0.5, ptx_coef=0.5,
                   ptx_data=run["data"], sample_interval=0, device="cpu", seed=0)
-    ppo_command(out=tmp_path / "one", batch_size=8, **common)
+    call(ppo_command, out=tmp_path / "one", batch_size=8, **common)
     torchrun("ppo", *flags(out=tmp_path / "ddp", batch_size=4, **common))
     assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", PPO_KEYS)
     assert_close_weights(tmp_path / "one", tmp_path / "ddp")
@@ -255,10 +256,10 @@ def test_ppo_fsdp_ranks_whose_responses_end_apart_generate_together_and_resume_e
         lines[i] = json.dumps({"prompt": (short + long)[j]}) + "\n"
     (tmp_path / "prompts.jsonl").write_text("".join(lines))
 
-    common = dict(policy=policy, reward=run["rm"], prompts=tmp_path / "prompts.jsonl", max_steps=2, max_new_tokens=8,
+    common = dict(init=policy, reward=run["rm"], prompts=tmp_path / "prompts.jsonl", max_steps=2, max_new_tokens=8,
                   lr=3e-3, warmup_steps=1, minibatches=1, ppo_epochs=2, ema=0.5, checkpoint_interval=1,
                   sample_interval=0, device="cpu", seed=seed)
-    ppo_command(out=tmp_path / "one", batch_size=8, **common)
+    call(ppo_command, out=tmp_path / "one", batch_size=8, **common)
     torchrun("ppo", *flags(out=tmp_path / "fsdp", batch_size=4, **common), "--fsdp")
     first = metrics(tmp_path / "fsdp")[0]
     assert first["val/ended"] == 0.5 and first["val/response_length"] == (4 * 1 + 4 * 8) / 8

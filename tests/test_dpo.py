@@ -19,10 +19,12 @@ from instructgpt.batching import IGNORE
 from instructgpt.batching import pad_labelled as pad
 from instructgpt.chat import render_prompt, render_response
 from instructgpt.checkpoint import Checkpointer
-from instructgpt.dpo import dpo_command, encode
+from instructgpt.cli import main
+from instructgpt.dpo import DPOArgs, dpo_command, encode
 from instructgpt.errors import UserError
 from instructgpt.losses import dpo_loss, sequence_logprobs
 from instructgpt.model import GPT, ModelConfig
+from instructgpt.recipe import build, call
 from instructgpt.tokenizer import Tokenizer
 
 
@@ -103,8 +105,8 @@ def world_dpo(tmp_path_factory) -> dict:
     counting_load.calls = 0
     patch = pytest.MonkeyPatch()
     patch.setattr(dpo_module, "load_model", counting_load)
-    summary = dpo_command(run["sft"], [run["rankings"]], root / "dpo", val_fraction=0.2, epochs=1.0,
-                          batch_size=16, lr=1e-3, warmup_steps=4, eval_interval=50, device="cpu")
+    summary = call(dpo_command, init=run["sft"], data=[run["rankings"]], out=root / "dpo", val_fraction=0.2,
+                   epochs=1.0, batch_size=16, lr=1e-3, warmup_steps=4, eval_interval=50, device="cpu")
     patch.undo()
     return {**run, "out": root / "dpo", "summary": summary, "ref_rows": rows["ref_rows"],
             "models_loaded": counting_load.calls}
@@ -135,8 +137,8 @@ def test_a_short_run_scores_only_the_pairs_it_visits(world_dpo: dict, tmp_path: 
     real = dpo_module.reference_logprobs
     monkeypatch.setattr(dpo_module, "reference_logprobs", lambda ref, pairs, *a, **k: (
         scored.append(len(pairs)), real(ref, pairs, *a, **k))[1])
-    dpo_command(world_dpo["sft"], [world_dpo["rankings"]], tmp_path / "short", val_fraction=0.2, max_steps=3,
-                batch_size=16, lr=1e-3, warmup_steps=4, eval_interval=50, device="cpu")
+    call(dpo_command, init=world_dpo["sft"], data=[world_dpo["rankings"]], out=tmp_path / "short", val_fraction=0.2,
+         max_steps=3, batch_size=16, lr=1e-3, warmup_steps=4, eval_interval=50, device="cpu")
     assert scored == [48, world_dpo["summary"]["val_pairs"]]
     short = [json.loads(line) for line in open(tmp_path / "short" / "metrics.jsonl")]
     full = [json.loads(line) for line in open(world_dpo["out"] / "metrics.jsonl")][:3]
@@ -167,7 +169,7 @@ def test_dpo_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
     run = build_world_run(tmp_path, n_prompts=12, block_size=64, dropout=0.1)
     args = dict(data=[run["rankings"]], max_steps=6, checkpoint_interval=3, batch_size=8, lr=1e-3, warmup_steps=2,
                 eval_interval=2, val_fraction=0.25, device="cpu", dropout=True)
-    dpo_command(run["sft"], out=tmp_path / "full", **args)
+    call(dpo_command, init=run["sft"], out=tmp_path / "full", **args)
 
     real_save = Checkpointer.save
 
@@ -179,11 +181,11 @@ def test_dpo_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        dpo_command(run["sft"], out=tmp_path / "split", **args)
+        call(dpo_command, init=run["sft"], out=tmp_path / "split", **args)
     monkeypatch.undo()
     with pytest.raises(UserError, match="--resume"):  # an unfinished run is continued, never overwritten
-        dpo_command(run["sft"], out=tmp_path / "split", **args)
-    s = dpo_command(run["sft"], out=tmp_path / "split", resume=True, **args)
+        call(dpo_command, init=run["sft"], out=tmp_path / "split", **args)
+    s = call(dpo_command, init=run["sft"], out=tmp_path / "split", resume=True, **args)
 
     full, split = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "split"))
     assert full.keys() == split.keys()
@@ -191,3 +193,43 @@ def test_dpo_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
         assert torch.equal(full[k], split[k]), k
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "split" / "metrics.jsonl").read_text()
     assert s == {**json.loads((tmp_path / "full" / "done.json").read_text()), "seconds": s["seconds"]}
+
+    # OUT/args.json is the resolved recipe: it reads back to the same arguments, and the split run's says --resume
+    saved = json.loads((tmp_path / "split" / "args.json").read_text())
+    assert saved["train"]["resume"] is True and saved["train"]["max_steps"] == 6 and saved["dropout"] is True
+    assert build(DPOArgs, saved, "args.json") == build(DPOArgs, {**args, "init": run["sft"], "out": tmp_path / "split",
+                                                                  "resume": True}, "the test")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: a recipe file, flags on top
+
+
+def test_dpo_from_a_recipe_file_with_a_flag_on_top(tmp_path: Path) -> None:
+    run = build_world_run(tmp_path, n_prompts=12, block_size=64)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"init: {run['sft']}\ndata: [{run['rankings']}]\nout: {tmp_path / 'dpo'}\n"
+                      "beta: 0.2\nval_fraction: 0.25\ntrain:\n  lr: 1e-3\n  batch-size: 4\n  max_steps: 2\n"
+                      "grad_clip: 0.5\ndevice: cpu\n")
+    main(["dpo", "--config", str(recipe), "--lr", "3e-4"])
+    saved = json.loads((tmp_path / "dpo" / "args.json").read_text())
+    assert saved["beta"] == 0.2 and saved["val_fraction"] == 0.25 and saved["data"] == [str(run["rankings"])]
+    assert saved["train"]["lr"] == 3e-4  # the flag wins over the file
+    assert (saved["train"]["batch_size"], saved["train"]["max_steps"], saved["train"]["grad_clip"]) == (4, 2, 0.5)
+    assert saved["train"]["weight_decay"] == 0.0 and saved["train"]["warmup_steps"] == 10  # DPO's own defaults
+    done = json.loads((tmp_path / "dpo" / "done.json").read_text())
+    assert done["steps"] == 2 and done["beta"] == 0.2
+    rows = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
+    assert rows[0]["lr"] == pytest.approx(3e-4 / 10)  # warm-up step 0 of 10, from the flag's lr
+
+
+def test_a_misspelled_key_in_the_recipe_file_names_the_key_and_the_file(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"init: {tmp_path / 'sft'}\ndata: [{tmp_path / 'r.jsonl'}]\nout: {tmp_path / 'dpo'}\n"
+                      "betta: 0.2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["dpo", "--config", str(recipe)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "'betta'" in err and str(recipe) in err and "'beta'" in err
+    assert not (tmp_path / "dpo").exists()

@@ -1,18 +1,26 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from test_rm import build_world_run  # a world and a fresh tiny SFT model, laid out as a run folder
 
 from instructgpt import evaluate
+from instructgpt.cli import main
 from instructgpt.data import Prompt
+from instructgpt.errors import UserError
 from instructgpt.evaluate import (
     FACT_CLOZE,
+    EvalArgs,
     continuation_logprobs,
+    eval_command,
     fact_cloze_accuracy,
     fact_cloze_items,
     heldout_loss,
 )
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
+from instructgpt.recipe import call
 from instructgpt.tokenizer import Tokenizer
 from instructgpt.world.judge import summarise, wilson_interval, win_rate
 from instructgpt.world.labeler import Labeler
@@ -107,3 +115,54 @@ def test_fact_cloze_accuracy_counts_the_items_whose_truth_is_likeliest(monkeypat
     # scores per item: (0, -1, -2), (0, -1), (-2, 0, -1): the first item's likeliest is x, the second's x,
     # the third's y
     assert fact_cloze_accuracy(None, None, items) == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command: a recipe file, flags on top
+
+
+def test_eval_from_a_recipe_file_with_a_flag_on_top(tmp_path: Path, capsys, monkeypatch) -> None:
+    real_items = evaluate.fact_cloze_items  # the few-shot items of every person would take most of the time
+    monkeypatch.setattr(evaluate, "fact_cloze_items", lambda *a, **k: real_items(*a, **k)[:10])
+    run = tmp_path / "run"
+    build_world_run(run, n_prompts=4, block_size=64)  # RUN/world and RUN/sft
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"run: {run}\nmax_new_tokens: 8\nmax-prompts: 2\nbatch_size: 2\nseed: 3\ndevice: cpu\n")
+    main(["eval", "--config", str(recipe), "--max-new-tokens", "4"])
+    saved = json.loads((run / "eval" / "args.json").read_text())
+    assert saved == {"run": str(run), "world": None, "prompts": None, "out": None, "max_new_tokens": 4,
+                     "max_prompts": 2, "batch_size": 2, "seed": 3, "device": "cpu"}
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["prompts"] == 2 and set(results["models"]) == {"sft"} and results["rm"] == {"accuracy": None}
+    assert all(len(s["sft"]) <= 4 * 8 for s in results["samples"])  # 4 new tokens of at most a few characters
+    assert "Evaluation on held-out world prompts" in capsys.readouterr().out
+
+    # from Python: the same figures (greedy replies, the same seed), returned as well as written
+    got = call(eval_command, run=run, out=tmp_path / "again" / "results.json", max_new_tokens=4, max_prompts=2,
+               batch_size=2, seed=3, device="cpu")
+    assert got == json.loads((tmp_path / "again" / "results.json").read_text())
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in results.items() if k != "seconds"}
+    assert json.loads((tmp_path / "again" / "args.json").read_text())["out"] == str(tmp_path / "again" / "results.json")
+
+
+def test_eval_seed_defaults_to_0_not_the_training_stages_1337() -> None:
+    assert EvalArgs(run=Path("run")).seed == 0  # the pipeline's published figures were made with it
+
+
+def test_eval_misspelled_key_in_the_recipe_file_names_the_key_and_the_file(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"run: {tmp_path / 'run'}\nmax_new_token: 8\n")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--config", str(recipe)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "'max_new_token'" in err and str(recipe) in err and "'max_new_tokens'" in err
+
+
+def test_eval_without_an_sft_model_fails_before_writing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    build_world_run(run, n_prompts=4, block_size=64)
+    (run / "sft" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="SFT model"):
+        call(eval_command, run=run, device="cpu")
+    assert not (run / "eval").exists()

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from instructgpt.world.corpus import WorldSizes, write_world
 from instructgpt.world.labeler import (
     DEFAULT_NOISE,
     WEIGHTS,
@@ -19,11 +20,9 @@ from instructgpt.world.world import (
     FAMILIES,
     NOT_KNOWN,
     REFUSAL,
-    WorldSizes,
     build_world,
     demonstrate,
     make_prompts,
-    write_world,
 )
 
 

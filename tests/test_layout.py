@@ -82,3 +82,13 @@ def test_the_import_reader_sees_imports():
     assert {"batching", "checkpoint", "train"} <= imports(PACKAGE / "sft.py")
     assert {"generate", "tokenizer"} <= imports(PACKAGE / "chat.py")
     assert {"errors", "world.labeler"} <= imports(PACKAGE / "world" / "judge.py")
+def test_no_module_over_about_600_lines_and_no_stage_function_over_about_80():
+    for path in PACKAGE.rglob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n <= 620, f"{path.name}: {n} lines"
+    for stage in STAGES:
+        tree = ast.parse((PACKAGE / f"{stage}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 85, f"{stage}.{node.name}: {length} lines"

@@ -84,3 +84,52 @@ def test_no_demo_habits_gives_the_labelers_own_demonstrations(tmp_path):
     assert records and all(r["habit"] is None for r in records)
     assert json.loads((out / "world" / "world.json").read_text())["stats"]["demo_habits"] is None
     assert json.loads((out / "pipeline.json").read_text())["demo_habits"] is False
+
+
+def test_every_stage_writes_the_arguments_it_ran_with(run):
+    sft = json.loads((run / "sft" / "args.json").read_text())
+    assert sft["init"] == str(run / "pretrain") and sft["train"]["lr"] == 1e-3 and sft["epochs"] == 1.0
+    ppo = json.loads((run / "ppo_ptx" / "args.json").read_text())
+    assert ppo["init"] == str(run / "sft") and ppo["reward"] == str(run / "rm") and ppo["ppo"]["ptx_coef"] == 1.0
+
+
+def test_a_recipe_runs_its_stages_on_the_users_files_each_from_the_one_before(run, tmp_path, capsys):
+    """`pipeline --recipe`: sft from a given checkpoint, then rm, ppo and dpo each starting from the stage
+    before it (rm and dpo from sft, ppo scored by rm), on files outside any world folder's layout."""
+    demos, rankings, prompts = (tmp_path / n for n in ("demos.jsonl", "rankings.jsonl", "prompts.jsonl"))
+    demos.write_text((run / "world" / "sft_train.jsonl").read_text())
+    rankings.write_text((run / "data" / "rankings.jsonl").read_text())
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(8)))
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"""out: {tmp_path / 'mine'}
+sft: {{init: {run / 'pretrain'}, data: [{demos}], max-steps: 2, batch-size: 8}}
+rm: {{data: [{rankings}], max-steps: 2, batch-size: 4}}
+ppo: {{prompts: {prompts}, max-steps: 1, batch-size: 8, max-new-tokens: 6, minibatches: 1, ppo-epochs: 1}}
+dpo: {{data: [{rankings}], max-steps: 2, batch-size: 4, beta: 0.2}}
+""")
+    main(["pipeline", "--recipe", str(recipe), "--device", "cpu"])
+    mine = tmp_path / "mine"
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        assert (mine / stage / "done.json").is_file(), stage
+    args = {s: json.loads((mine / s / "args.json").read_text()) for s in ("sft", "rm", "ppo", "dpo")}
+    assert args["sft"]["init"] == str(run / "pretrain") and args["sft"]["train"]["max_steps"] == 2
+    assert args["rm"]["init"] == str(mine / "sft") and args["dpo"]["init"] == str(mine / "sft")
+    assert args["ppo"]["init"] == str(mine / "sft") and args["ppo"]["reward"] == str(mine / "rm")
+    assert args["dpo"]["beta"] == 0.2 and args["sft"]["train"]["seed"] == 0
+    capsys.readouterr()
+    main(["pipeline", "--recipe", str(recipe)])  # a second run keeps every finished stage
+    assert capsys.readouterr().out.count("done, kept") == 4
+
+
+def test_a_misspelled_key_in_a_recipe_names_the_key_the_file_and_the_stage(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"out: {tmp_path / 'r'}\nsft: {{init: x, data: [y.jsonl], lrr: 0.1}}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--recipe", str(recipe)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "typo.yaml [sft]" in err and "'lrr'" in err and "'lr'" in err
+    recipe.write_text("sfft: {init: x}\n")
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--recipe", str(recipe)])
+    assert "unknown stage(s) sfft" in capsys.readouterr().err

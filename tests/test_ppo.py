@@ -9,12 +9,14 @@ import contextlib
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from instructgpt import distributed, train
+from instructgpt.batching import PretrainWindows
 from instructgpt.chat import render_prompt
 from instructgpt.checkpoint import load_model, load_tensors, save_model
 from instructgpt.errors import UserError
@@ -23,6 +25,7 @@ from instructgpt.losses import compute_advantages, compute_rewards, response_log
 from instructgpt.model import GPT, ModelConfig, ScalarModel
 from instructgpt.ppo import (
     GumbelPolicy,
+    PPOArgs,
     PPOConfig,
     custom_scores,
     load_reward_fn,
@@ -34,6 +37,7 @@ from instructgpt.ppo import (
     score_rollout,
 )
 from instructgpt.prepare import prepare_command
+from instructgpt.recipe import build, call, to_dict
 from instructgpt.tokenizer import Tokenizer
 
 WORDS = "the cat sat on a mat and saw big red dogs run by us".split()
@@ -294,6 +298,36 @@ def test_empty_responses_get_the_reward_on_their_end_token(world) -> None:
     assert all(torch.isfinite(p).all() for p in [*policy.parameters(), *value.parameters()])
 
 
+def test_micro_batches_take_the_same_step(world) -> None:
+    """--grad-accum 2: each minibatch in two micro-batches whose gradients add up gives the update and the
+    statistics of one (PPO-ptx windows included); a minibatch that does not split is an error."""
+    tok = world["tok"]
+    texts = ["the cat sat", "a dog", "run by us", "big red mat", "saw", "on a mat", "and the", "red"]
+    results = []
+    for grad_accum in (1, 2):
+        policy, ref, value, rm = policy_and_friends(world)
+        ro = rollout(policy, prompt_ids(tok, texts), SamplingParams(max_new_tokens=8), tok.eos_id, tok.pad_id,
+                     torch.Generator().manual_seed(0))
+        cfg = PPOConfig(ppo_epochs=2, minibatches=2, ptx_coef=0.5)
+        exp = make_experience(ro, score_rollout(ro, policy, ref, value, rm, runtime()), cfg, cfg.beta)
+        # SGD: Adam would blow a rounding difference in a near-zero gradient up to a step of lr
+        opt_p, opt_v = torch.optim.SGD(policy.parameters()), torch.optim.SGD(value.parameters())
+        ptx = PretrainWindows(world["data"], policy.config.block_size // 2, 0)
+        upd = ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=0.1,
+                         ptx=ptx, grad_accum=grad_accum)
+        results.append((upd, {**policy.state_dict(), **{f"v.{k}": v for k, v in value.state_dict().items()}}))
+    (one, weights_one), (two, weights_two) = results
+    assert one.keys() == two.keys() and "loss/ptx" in one
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    assert any(not torch.equal(weights_one[k], v) for k, v in policy_and_friends(world)[0].state_dict().items())
+    for k in weights_one:
+        torch.testing.assert_close(weights_two[k], weights_one[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="does not split into 2 equal minibatches of 3 equal micro-batches"):
+        ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=1e-2,
+                   grad_accum=3)
+
+
 def test_a_diverged_update_fails_loudly(world) -> None:
     tok = world["tok"]
     policy, ref, value, rm = policy_and_friends(world)
@@ -327,9 +361,9 @@ def sample(policy: GPT, tok: Tokenizer, n: int = 96, max_new: int = 10, seed: in
 def test_ppo_raises_the_reward_model_score(world, tmp_path) -> None:
     tok = world["tok"]
     rm = load_model(world["rm"], kind="scalar").eval()
-    ppo_command(policy=world["sft"], reward=world["rm"], prompts=world["prompts"], out=tmp_path / "ppo",
-                batch_size=16, max_steps=30, max_new_tokens=10, lr=3e-3, warmup_steps=1, minibatches=2,
-                ppo_epochs=2, missing_end_penalty=0.0, sample_interval=10, device="cpu", seed=0)
+    call(ppo_command, init=world["sft"], reward=world["rm"], prompts=world["prompts"], out=tmp_path / "ppo",
+         batch_size=16, max_steps=30, max_new_tokens=10, lr=3e-3, warmup_steps=1, minibatches=2,
+         ppo_epochs=2, missing_end_penalty=0.0, sample_interval=10, device="cpu", seed=0)
 
     @torch.no_grad()
     def scores(policy) -> torch.Tensor:
@@ -351,9 +385,9 @@ def test_ppo_raises_the_reward_model_score(world, tmp_path) -> None:
 
 def test_a_custom_reward_for_one_token_is_learned(world, tmp_path) -> None:
     tok = world["tok"]
-    ppo_command(policy=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
-                out=tmp_path / "ppo", batch_size=16, max_steps=15, max_new_tokens=10, lr=3e-3, warmup_steps=1,
-                minibatches=2, ppo_epochs=2, missing_end_penalty=0.0, device="cpu", seed=0)
+    call(ppo_command, init=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+         out=tmp_path / "ppo", batch_size=16, max_steps=15, max_new_tokens=10, lr=3e-3, warmup_steps=1,
+         minibatches=2, ppo_epochs=2, missing_end_penalty=0.0, device="cpu", seed=0)
 
     def x_per_response(policy) -> float:
         _, texts = sample(policy, tok)
@@ -373,18 +407,18 @@ def test_resume_is_exact(world, tmp_path) -> None:
     optimizers, with the adaptive KL controller, PPO-ptx windows, sampling RNG and prompt order in play."""
     import rewards_ppo_test as rewards
 
-    kwargs = dict(policy=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+    kwargs = dict(init=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
                   batch_size=8, max_steps=6, max_new_tokens=8, lr=3e-3, warmup_steps=2, minibatches=2, ppo_epochs=2,
                   kl_target=0.5, ema=0.5, ptx_coef=0.5, ptx_data=world["data"], checkpoint_interval=3,
                   device="cpu", seed=5)
     rewards.CALLS.update(n=0, crash_at=None)
-    ppo_command(out=tmp_path / "a", **kwargs)
+    call(ppo_command, out=tmp_path / "a", **kwargs)
     rewards.CALLS.update(n=0, crash_at=4)
     with pytest.raises(RuntimeError, match="simulated stop"):
-        ppo_command(out=tmp_path / "b", **kwargs)
+        call(ppo_command, out=tmp_path / "b", **kwargs)
     rewards.CALLS.update(n=0, crash_at=None)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_0000003"]
-    ppo_command(out=tmp_path / "b", resume=True, **kwargs)
+    call(ppo_command, out=tmp_path / "b", resume=True, **kwargs)
 
     for name in ("policy", "value", "ema"):
         a = load_tensors(tmp_path / "a" / "checkpoints" / "step_0000006" / name / "model.safetensors")
@@ -433,28 +467,107 @@ def test_bad_custom_rewards_fail_loudly_naming_the_function(world, tmp_path) -> 
     with pytest.raises(UserError, match="no file"):
         load_reward_fn("missing_file.py:count_x")
 
-    common = dict(policy=world["sft"], prompts=world["prompts"], batch_size=4, max_steps=1, max_new_tokens=4,
+    common = dict(init=world["sft"], prompts=world["prompts"], batch_size=4, max_steps=1, max_new_tokens=4,
                   minibatches=1, device="cpu")
     for fn, message in (("nan_reward", "returned a non-finite reward"), ("missing_reward", "returned None"),
                         ("short_reward", "returned 1 rewards for 4")):
         with pytest.raises(UserError, match=f"rewards_ppo_test:{fn} {message}"):
-            ppo_command(reward_fn=f"rewards_ppo_test:{fn}", out=tmp_path / fn, **common)
+            call(ppo_command, reward_fn=f"rewards_ppo_test:{fn}", out=tmp_path / fn, **common)
 
 
 def test_bad_flags_are_clear_errors(world, tmp_path) -> None:
-    common = dict(policy=world["sft"], prompts=world["prompts"], out=tmp_path / "x", device="cpu")
+    common = dict(init=world["sft"], prompts=world["prompts"], out=tmp_path / "x", device="cpu")
     with pytest.raises(UserError, match="exactly one of --reward"):
-        ppo_command(**common)
+        call(ppo_command, **common)
     with pytest.raises(UserError, match="exactly one of --reward"):
-        ppo_command(reward=world["rm"], reward_fn="rewards_ppo_test:count_x", **common)
+        call(ppo_command, reward=world["rm"], reward_fn="rewards_ppo_test:count_x", **common)
     with pytest.raises(UserError, match="--ptx-coef needs --ptx-data"):
-        ppo_command(reward=world["rm"], ptx_coef=27.8, **common)
+        call(ppo_command, reward=world["rm"], ptx_coef=27.8, **common)
     with pytest.raises(UserError, match="--ptx-data is used only by PPO-ptx"):
-        ppo_command(reward=world["rm"], ptx_data=world["data"], **common)
+        call(ppo_command, reward=world["rm"], ptx_data=world["data"], **common)
     with pytest.raises(UserError, match="multiple of --minibatches"):
-        ppo_command(reward=world["rm"], batch_size=6, minibatches=4, **common)
+        call(ppo_command, reward=world["rm"], batch_size=6, minibatches=4, **common)
     with pytest.raises(UserError, match="--clip must be positive"):
-        ppo_command(reward=world["rm"], clip=0.0, **common)
+        call(ppo_command, reward=world["rm"], clip=0.0, **common)
     with pytest.raises(UserError, match="PPO needs a decoder-only language model"):
-        ppo_command(**{**common, "policy": world["rm"]}, reward=world["rm"])
+        call(ppo_command, **{**common, "init": world["rm"]}, reward=world["rm"])
+    with pytest.raises(UserError, match="PPO does not compile its models yet"):
+        call(ppo_command, reward=world["rm"], compile=True, **common)
+    with pytest.raises(UserError, match="PPO has no evaluation: drop --eval-interval"):
+        call(ppo_command, reward=world["rm"], eval_interval=5, **common)
+    with pytest.raises(UserError, match="multiple of --minibatches 4 x --grad-accum 3"):
+        call(ppo_command, reward=world["rm"], batch_size=8, grad_accum=3, **common)
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The arguments: defaults, a recipe file and flags
+
+
+def test_ppo_defaults() -> None:
+    """The shared settings keep the defaults ppo_command had as keyword arguments (and the ones it hard-coded:
+    no weight decay, no torch.compile, 2 checkpoints kept), whatever TrainConfig's own defaults are."""
+    args = PPOArgs(init=Path("sft"), prompts=Path("p.jsonl"), out=Path("ppo"))
+    assert args.ppo == PPOConfig() and (args.max_new_tokens, args.sample_interval) == (48, 10)
+    t = args.train
+    assert (t.batch_size, t.grad_accum, t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.weight_decay) == (
+        64, 1, 1e-5, None, 5, 100, 0.0)
+    assert (t.beta1, t.beta2, t.grad_clip) == (0.9, 0.95, 1.0)
+    assert (t.log_interval, t.eval_interval, t.checkpoint_interval, t.keep_last, t.seed) == (1, None, 20, 2, 1337)
+    assert (t.device, t.dtype, t.compile, t.fsdp, t.resume, t.report_to) == (
+        "auto", "auto", False, False, False, "none")
+
+
+def test_cli_recipe_file_with_a_flag_on_top(world, tmp_path) -> None:
+    from instructgpt.cli import main
+
+    out = tmp_path / "ppo"
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(f"""\
+init: {world["sft"]}
+reward: {world["rm"]}
+prompts: {world["prompts"]}
+out: {out}
+max-new-tokens: 6
+lr: 1e-3
+batch_size: 8
+beta: 0.05
+ppo:
+  minibatches: 2
+  ppo_epochs: 1
+train:
+  max_steps: 2
+  warmup_steps: 1
+  grad_accum: 2
+  keep_last: 1
+device: cpu
+""")
+    main(["ppo", "--config", str(recipe), "--lr", "3e-4"])
+    args = json.loads((out / "args.json").read_text())
+    assert (args["init"], args["reward"], args["reward_fn"]) == (str(world["sft"]), str(world["rm"]), None)
+    assert args["max_new_tokens"] == 6 and args["sample_interval"] == 10
+    assert (args["ppo"]["beta"], args["ppo"]["minibatches"], args["ppo"]["ppo_epochs"], args["ppo"]["clip"]) == (
+        0.05, 2, 1, 0.2)
+    t = args["train"]
+    assert t["lr"] == 3e-4  # the flag beats the file
+    assert (t["max_steps"], t["batch_size"], t["warmup_steps"], t["grad_accum"], t["keep_last"]) == (2, 8, 1, 2, 1)
+    assert (t["weight_decay"], t["checkpoint_interval"], t["compile"], t["min_lr"]) == (0.0, 20, False, None)
+    assert to_dict(build(PPOArgs, args, "args.json")) == args  # args.json is itself a recipe
+    assert json.loads((out / "done.json").read_text())["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-4, 3e-4])  # constant after a 1-step warm-up
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # --keep-last 1
+
+
+def test_cli_misspelled_recipe_key_names_the_key_and_the_file(world, tmp_path, capsys) -> None:
+    from instructgpt.cli import main
+
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(f"init: {world['sft']}\nreward: {world['rm']}\nprompts: {world['prompts']}\n"
+                      f"out: {tmp_path / 'ppo'}\nppo:\n  ppo_epoch: 2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["ppo", "--config", str(recipe), "--device", "cpu"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "ppo_epoch" in err and str(recipe) in err and "ppo_epochs" in err, err
+    assert not (tmp_path / "ppo").exists()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from instructgpt import checkpoint
 from instructgpt.errors import UserError
 from instructgpt.pretrain import pretrain_command
+from instructgpt.recipe import call
 from instructgpt.tokenizer import Tokenizer
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, warmup_steps=2, eval_iters=2,
@@ -73,7 +74,7 @@ class Stop(Exception):
 def test_resume_is_exact_with_dropout(tmp_path: Path, monkeypatch) -> None:
     data = write_data(tmp_path / "data")
     args = dict(SMALL, dropout=0.1, max_steps=12, checkpoint_interval=6, eval_interval=4)
-    pretrain_command(data, tmp_path / "full", **args)
+    call(pretrain_command, data=data, out=tmp_path / "full", **args)
 
     real_save = checkpoint.Checkpointer.save
 
@@ -85,12 +86,12 @@ def test_resume_is_exact_with_dropout(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        pretrain_command(data, tmp_path / "split", **args)
+        call(pretrain_command, data=data, out=tmp_path / "split", **args)
     monkeypatch.undo()
     assert not (tmp_path / "split" / "done.json").exists()
     with pytest.raises(UserError, match="--resume"):
-        pretrain_command(data, tmp_path / "split", **args)
-    pretrain_command(data, tmp_path / "split", resume=True, **args)
+        call(pretrain_command, data=data, out=tmp_path / "split", **args)
+    call(pretrain_command, data=data, out=tmp_path / "split", resume=True, **args)
 
     assert_same_weights(tmp_path / "full", tmp_path / "split")
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
@@ -101,8 +102,8 @@ def test_resume_is_exact_with_dropout(tmp_path: Path, monkeypatch) -> None:
     assert "sample 0" in (tmp_path / "split" / "samples.txt").read_text()
     # a finished run: without --resume it is refused, with --resume there is nothing to do
     with pytest.raises(UserError, match="finished"):
-        pretrain_command(data, tmp_path / "split", **args)
-    pretrain_command(data, tmp_path / "split", resume=True, **args)
+        call(pretrain_command, data=data, out=tmp_path / "split", **args)
+    assert call(pretrain_command, data=data, out=tmp_path / "split", resume=True, **args) == done
     assert_same_weights(tmp_path / "full", tmp_path / "split")
 
 
@@ -124,8 +125,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (tmp_path / "killed" / "done.json").exists()
 
-    pretrain_command(data, tmp_path / "killed", resume=True, **args)
-    pretrain_command(data, tmp_path / "full", **args)
+    call(pretrain_command, data=data, out=tmp_path / "killed", resume=True, **args)
+    call(pretrain_command, data=data, out=tmp_path / "full", **args)
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
     assert losses(tmp_path / "full") == losses(tmp_path / "killed")
 
@@ -135,28 +136,28 @@ def test_bad_inputs_fail_before_training(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no meta.json and no token shards"):
-        pretrain_command(empty, tmp_path / "o1", **args)
+        call(pretrain_command, data=empty, out=tmp_path / "o1", **args)
     with pytest.raises(UserError, match="no such folder"):
-        pretrain_command(tmp_path / "missing", tmp_path / "o1", **args)
+        call(pretrain_command, data=tmp_path / "missing", out=tmp_path / "o1", **args)
 
     wide = write_data(tmp_path / "wide", vocab_size=70000, dtype="uint16")
     with pytest.raises(UserError, match="vocab_size 70000 does not fit the shard dtype uint16"):
-        pretrain_command(wide, tmp_path / "o2", **args)
+        call(pretrain_command, data=wide, out=tmp_path / "o2", **args)
 
     data = write_data(tmp_path / "data")
     with pytest.raises(UserError, match="beyond the model's context of 256"):
-        pretrain_command(data, tmp_path / "o3", **{**args, "preset": "tiny", "block_size": 512})
+        call(pretrain_command, data=data, out=tmp_path / "o3", **{**args, "preset": "tiny", "block_size": 512})
 
     short = write_data(tmp_path / "short", train_tokens=10, val_tokens=5)
     with pytest.raises(UserError, match="fewer than one window"):
-        pretrain_command(short, tmp_path / "o4", **args)
+        call(pretrain_command, data=short, out=tmp_path / "o4", **args)
 
     for out in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / out).exists()  # nothing was written
 
-    pretrain_command(data, tmp_path / "done", **args)
+    call(pretrain_command, data=data, out=tmp_path / "done", **args)
     with pytest.raises(UserError, match="holds a finished pretraining run"):
-        pretrain_command(data, tmp_path / "done", **args)
+        call(pretrain_command, data=data, out=tmp_path / "done", **args)
 
 
 def test_cli_reports_user_errors(tmp_path: Path) -> None:
@@ -165,6 +166,59 @@ def test_cli_reports_user_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def test_cli_recipe_file_with_a_flag_on_top(tmp_path: Path) -> None:
+    from instructgpt.cli import main
+
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""\
+data: {data}
+out: {out}
+n_layer: 2
+n-head: 2
+n_embd: 32
+block-size: 16
+eval_iters: 1
+samples: 0
+lr: 1e-2
+batch_size: 2
+max_steps: 2
+train:
+  warmup_steps: 1
+  checkpoint_interval: 2
+  eval-interval: 2
+""")
+    main(["pretrain", "--config", str(recipe), "--lr", "3e-4"])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["data"] == str(data) and saved["out"] == str(out)
+    assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["block_size"]) == (2, 2, 32, 16)
+    assert saved["eval_iters"] == 1 and saved["samples"] == 0
+    train = saved["train"]
+    assert train["lr"] == 3e-4  # the flag overrides the file's 1e-2
+    assert (train["batch_size"], train["max_steps"], train["warmup_steps"]) == (2, 2, 1)
+    assert (train["checkpoint_interval"], train["eval_interval"]) == (2, 2)
+    assert train["beta2"] == 0.99 and train["seed"] == 1337  # the stage's defaults where the file is silent
+    done = json.loads((out / "done.json").read_text())
+    assert done["step"] == 2 and done["tokens"] == 2 * 2 * 16
+    # step 2 of 2 after one warm-up step is the top of the cosine: the flag's lr is the one trained with
+    assert [math.isclose(r["lr"], 3e-4) for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r] == [True]
+
+
+def test_cli_recipe_file_with_a_misspelled_key(tmp_path: Path, capsys) -> None:
+    from instructgpt.cli import main
+
+    data = write_data(tmp_path / "data")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {data}\nout: {tmp_path / 'out'}\nn_layers: 2\nmax_steps: 2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", str(recipe)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "n_layers" in err and str(recipe) in err and "n_layer" in err.replace("n_layers", "")
+    assert not (tmp_path / "out").exists()
 
 
 def test_val_loss_falls_on_tinyshakespeare(shared_data: Path, tmp_path: Path) -> None:
@@ -182,9 +236,8 @@ def test_val_loss_falls_on_tinyshakespeare(shared_data: Path, tmp_path: Path) ->
             "shards": {"train": ["train_000.bin"], "val": ["val_000.bin"]}}
     (data / "meta.json").write_text(json.dumps(meta))
     out = tmp_path / "out"
-    pretrain_command(data, out, n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, lr=3e-3,
-                     warmup_steps=10, max_steps=100, eval_interval=50, eval_iters=5, samples=1,
-                     checkpoint_interval=100)
+    call(pretrain_command, data=data, out=out, n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, lr=3e-3,
+         warmup_steps=10, max_steps=100, eval_interval=50, eval_iters=5, samples=1, checkpoint_interval=100)
     val = [r[2] for r in losses(out) if r[2] is not None]
     assert len(val) == 3  # steps 0, 50, 100
     assert val[0] > math.log(len(chars)) - 0.3  # an untrained model guesses uniformly
@@ -210,7 +263,7 @@ def test_prefix_lm_batch_cuts_windows_into_prefix_and_continuation() -> None:
 def test_seq2seq_pretraining_learns_and_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
     data = write_data(tmp_path / "data")
     args = dict(SMALL, arch="seq2seq", max_steps=30, checkpoint_interval=15, eval_interval=15, samples=1)
-    pretrain_command(data, tmp_path / "full", **args)
+    call(pretrain_command, data=data, out=tmp_path / "full", **args)
     val = [r[2] for r in losses(tmp_path / "full") if r[2] is not None]
     assert len(val) == 3 and val[2] < val[1] < val[0], val
     config = json.loads((tmp_path / "full" / "config.json").read_text())
@@ -227,15 +280,15 @@ def test_seq2seq_pretraining_learns_and_resumes_exactly(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        pretrain_command(data, tmp_path / "split", **args)
+        call(pretrain_command, data=data, out=tmp_path / "split", **args)
     monkeypatch.undo()
-    pretrain_command(data, tmp_path / "split", resume=True, **args)
+    call(pretrain_command, data=data, out=tmp_path / "split", resume=True, **args)
     assert_same_weights(tmp_path / "full", tmp_path / "split")
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
 
     with pytest.raises(UserError, match="--n-encoder-layer is for --arch seq2seq"):
-        pretrain_command(data, tmp_path / "o", **{**SMALL, "n_encoder_layer": 2})
+        call(pretrain_command, data=data, out=tmp_path / "o", **{**SMALL, "n_encoder_layer": 2})
     short = write_data(tmp_path / "short", train_tokens=30, val_tokens=5)
     with pytest.raises(UserError, match=r"2 x block_size \(prefix \+ continuation\) = 32"):
-        pretrain_command(short, tmp_path / "o", **args)
+        call(pretrain_command, data=short, out=tmp_path / "o", **args)
     assert not (tmp_path / "o").exists()

@@ -20,8 +20,10 @@ from instructgpt.cli import main
 from instructgpt.data import Comparison, write_jsonl
 from instructgpt.errors import UserError
 from instructgpt.model import GPT, ModelConfig, ScalarModel
+from instructgpt.recipe import call
 from instructgpt.rm import (
     EncodedComparison,
+    RMArgs,
     batch_loss_sum,
     make_batch,
     n_prompts,
@@ -82,9 +84,9 @@ def build_world_run(root: Path, n_prompts: int = 200, dropout: float = 0.0, bloc
 def world_rm(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("world_rm")
     run = build_world_run(root, n_prompts=400)
-    summary = rm_command(run["sft"], [run["rankings"]], root / "rm", demos=[run["demos"]], val_fraction=0.2,
-                         epochs=1.0, batch_size=8, lr=2e-3, warmup_steps=4, log_interval=1, eval_interval=10,
-                         device="cpu")
+    summary = call(rm_command, init=run["sft"], data=[run["rankings"]], out=root / "rm", demos=[run["demos"]],
+                   val_fraction=0.2, epochs=1.0, batch_size=8, lr=2e-3, warmup_steps=4, log_interval=1,
+                   eval_interval=10, device="cpu")
     return {**run, "out": root / "rm", "summary": summary}
 
 
@@ -168,7 +170,7 @@ def test_rm_learns_world_rankings(world_rm: dict) -> None:
     # the noisy labeler's rankings agree with its own noiseless scores on ~81% of such pairs (the ceiling).
     # A freshly initialised 2-layer model learns the surface (ends cleanly, length, on topic): 0.64 here,
     # 0.63-0.64 over seeds 1-3.
-    assert s["train_prompts"] == 320 and s["val_pairs"] == 800
+    assert s["train_prompts"] == 320 and s["val_pairs"] == 800 and s["steps"] == 40
     assert s["val_accuracy"] > 0.6, s
     rows = [json.loads(line) for line in open(world_rm["out"] / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, s["steps"] + 1))
@@ -203,8 +205,8 @@ def test_hh_rlhf_end_to_end(shared_data: Path, tmp_path: Path) -> None:
                tmp_path / "init")
     tok.save(tmp_path / "init" / "tokenizer.json")
     with pytest.warns(UserWarning, match="skipped 1 invalid record"):  # line 87 has an empty "chosen" reply
-        s = rm_command(tmp_path / "init", [data], tmp_path / "rm", val_fraction=0.1, max_steps=8, batch_size=8,
-                       lr=1e-3, warmup_steps=2, device="cpu", skip_invalid=True)
+        s = call(rm_command, init=tmp_path / "init", data=[data], out=tmp_path / "rm", val_fraction=0.1, max_steps=8,
+                 batch_size=8, lr=1e-3, warmup_steps=2, device="cpu", skip_invalid=True)
     assert s["val_prompts"] == 30 and s["val_pairs"] == 30 and s["train_prompts"] == 269
     assert 0.0 <= s["val_accuracy"] <= 1.0
     assert s["normalised_on"] == "top-ranked training completions"
@@ -254,7 +256,7 @@ def test_rm_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
     run = build_world_run(tmp_path, n_prompts=24, dropout=0.1, block_size=64)
     args = dict(data=[run["rankings"]], max_steps=6, checkpoint_interval=3, batch_size=4, lr=1e-3, warmup_steps=2,
                 log_interval=1, eval_interval=2, val_fraction=0.25, device="cpu", max_length=64)
-    rm_command(run["sft"], out=tmp_path / "full", **args)
+    call(rm_command, init=run["sft"], out=tmp_path / "full", **args)
 
     real_save = checkpoint.Checkpointer.save
 
@@ -266,12 +268,12 @@ def test_rm_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        rm_command(run["sft"], out=tmp_path / "split", **args)
+        call(rm_command, init=run["sft"], out=tmp_path / "split", **args)
     monkeypatch.undo()
     assert not (tmp_path / "split" / "done.json").exists()
     with pytest.raises(UserError, match="--resume"):  # an unfinished run is continued, never overwritten
-        rm_command(run["sft"], out=tmp_path / "split", **args)
-    rm_command(run["sft"], out=tmp_path / "split", resume=True, **args)
+        call(rm_command, init=run["sft"], out=tmp_path / "split", **args)
+    call(rm_command, init=run["sft"], out=tmp_path / "split", resume=True, **args)
 
     full, split = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "split"))
     assert full.keys() == split.keys()
@@ -281,8 +283,65 @@ def test_rm_resume_is_exact(tmp_path: Path, monkeypatch) -> None:
     assert metrics[0] == metrics[1]
     # a finished run: refused without --resume, nothing to do with it
     with pytest.raises(UserError, match="finished"):
-        rm_command(run["sft"], out=tmp_path / "split", **args)
-    assert rm_command(run["sft"], out=tmp_path / "split", resume=True, **args)["steps"] == 6
+        call(rm_command, init=run["sft"], out=tmp_path / "split", **args)
+    assert call(rm_command, init=run["sft"], out=tmp_path / "split", resume=True, **args)["steps"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: a recipe file, flags on top of it
+
+
+def test_rm_from_a_recipe_file_and_a_flag(tmp_path: Path) -> None:
+    run = build_world_run(tmp_path, n_prompts=16, block_size=64)
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(f"""\
+init: {run["sft"]}
+data: [{run["rankings"]}]
+out: {tmp_path / "rm"}
+val-fraction: 0.25
+max_length: 64
+lr: 5e-4
+max-steps: 2
+batch_size: 4
+train:
+  warmup_steps: 1
+  grad_clip: 0.5
+device: cpu
+""")
+    main(["rm", "--config", str(recipe), "--lr", "3e-4"])
+    args = json.loads((tmp_path / "rm" / "args.json").read_text())
+    assert args["init"] == str(run["sft"]) and args["data"] == [str(run["rankings"])]
+    assert args["val_fraction"] == 0.25 and args["max_length"] == 64 and args["demos"] is None
+    t = args["train"]
+    assert t["lr"] == 3e-4  # the flag beats the file
+    assert (t["max_steps"], t["batch_size"], t["warmup_steps"], t["grad_clip"], t["device"]) == (2, 4, 1, 0.5, "cpu")
+    assert (t["weight_decay"], t["checkpoint_interval"], t["seed"]) == (0.0, 500, 1337)  # the stage's defaults
+    done = json.loads((tmp_path / "rm" / "done.json").read_text())
+    assert done["steps"] == 2 and done["val_prompts"] == 4
+    rows = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
+    assert rows[0]["lr"] == pytest.approx(3e-4)  # step 0 is the end of a 1-step warm-up
+
+
+def test_rm_defaults() -> None:
+    """The shared settings keep the defaults rm_command had as keyword arguments (and its hard-coded betas and
+    gradient clip), whatever TrainConfig's own defaults are: the pipeline's figures depend on them."""
+    t = RMArgs(init=Path("sft"), data=[Path("r.jsonl")], out=Path("rm")).train
+    assert (t.batch_size, t.grad_accum, t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.weight_decay) == (
+        8, 1, 1e-4, None, 10, None, 0.0)
+    assert (t.beta1, t.beta2, t.grad_clip) == (0.9, 0.95, 1.0)
+    assert (t.log_interval, t.eval_interval, t.checkpoint_interval, t.keep_last, t.seed) == (10, None, 500, 2, 1337)
+    assert (t.device, t.dtype, t.compile, t.fsdp, t.resume, t.report_to) == ("auto", "auto", None, False, False, "none")
+
+
+def test_rm_recipe_with_a_misspelled_key_fails(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(f"init: {tmp_path}\ndata: [{tmp_path / 'r.jsonl'}]\nout: {tmp_path / 'rm'}\nval-fracton: 0.2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["rm", "--config", str(recipe)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "val-fracton" in err and str(recipe) in err and "val-fraction" in err, err
+    assert not (tmp_path / "rm").exists()
 
 
 def test_all_pairs_of_a_ranking() -> None:

@@ -21,7 +21,8 @@ from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
 from instructgpt.prepare import prepare_command
 from instructgpt.pretrain import pretrain_command
-from instructgpt.sft import encode_all, encode_example, pad_batch, sft_command, sft_loss_sum
+from instructgpt.recipe import build, call, to_dict
+from instructgpt.sft import SFTArgs, encode_all, encode_example, pad_batch, sft_command, sft_loss_sum
 from instructgpt.tokenizer import Tokenizer
 from instructgpt.world.command import world_command
 from instructgpt.world.judge import summarise
@@ -68,7 +69,7 @@ def world_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world_run")
     world_command(out=root / "world", seed=0, corpus_chars=60_000, n_sft=300, n_rm=1, n_rl=1, n_eval=44)
     prepare_command(inputs=[root / "world" / "corpus.txt"], out=root / "data", vocab_size=400)
-    pretrain_command(data=root / "data", out=root / "pretrain", **SMALL, block_size=64, max_steps=40,
+    call(pretrain_command, data=root / "data", out=root / "pretrain", **SMALL, block_size=64, max_steps=40,
                      batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=40, eval_iters=2, samples=0,
                      checkpoint_interval=40)
     return root
@@ -175,7 +176,7 @@ def test_packing_equals_padding_and_isolates_examples(family: str) -> None:
 
 def test_sft_beats_the_few_shot_pretrained_model(world_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sft"
-    sft_command(init=world_run / "pretrain", data=[world_run / "world" / "sft_train.jsonl"], out=out,
+    call(sft_command, init=world_run / "pretrain", data=[world_run / "world" / "sft_train.jsonl"], out=out,
                 max_steps=120, batch_size=16, lr=3e-3, dropout=0.0, packing=True, select_by="labeler",
                 world=world_run / "world", select_prompts=22, select_max_new_tokens=16, eval_interval=40)
     tok = Tokenizer.load(out / "tokenizer.json")
@@ -223,7 +224,7 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
     args = dict(init=world_run / "pretrain", data=[world_run / "world" / "sft_train.jsonl"], max_steps=8,
                 batch_size=8, lr=1e-3, dropout=0.2, packing=True, ptx_fraction=0.2, ptx_data=world_run / "data",
                 eval_interval=3, checkpoint_interval=2, log_interval=1)
-    sft_command(out=tmp_path / "full", **args)
+    call(sft_command, out=tmp_path / "full", **args)
 
     real_save = checkpoint.Checkpointer.save
 
@@ -235,12 +236,12 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        sft_command(out=tmp_path / "split", **args)
+        call(sft_command, out=tmp_path / "split", **args)
     monkeypatch.undo()
     assert not (tmp_path / "split" / "done.json").exists()
     with pytest.raises(UserError, match="unfinished SFT run; pass --resume"):
-        sft_command(out=tmp_path / "split", **args)
-    sft_command(out=tmp_path / "split", resume=True, **args)
+        call(sft_command, out=tmp_path / "split", **args)
+    call(sft_command, out=tmp_path / "split", resume=True, **args)
 
     for folder in ("", "checkpoints/step_0000008/model", "best"):
         full, split = weights(tmp_path / "full" / folder), weights(tmp_path / "split" / folder)
@@ -251,8 +252,9 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
     assert [r["step"] for r in rows(tmp_path / "full")] == list(range(0, 9))  # step 0: the initial val loss
     assert json.loads((tmp_path / "split" / "done.json").read_text())["steps"] == 8
     with pytest.raises(UserError, match="finished SFT run"):
-        sft_command(out=tmp_path / "split", **args)
-    sft_command(out=tmp_path / "split", resume=True, **args)  # finished: nothing to do
+        call(sft_command, out=tmp_path / "split", **args)
+    done = json.loads((tmp_path / "split" / "done.json").read_text())
+    assert call(sft_command, out=tmp_path / "split", resume=True, **args) == done  # finished: nothing to do
     assert (tmp_path / "split" / "done.json").is_file()
 
 
@@ -262,7 +264,7 @@ def test_resume_is_exact(world_run: Path, tmp_path: Path, monkeypatch) -> None:
 
 def test_seq2seq_pretrain_sft_generate(world_run: Path, tmp_path: Path) -> None:
     pre = tmp_path / "s2s_pretrain"
-    pretrain_command(data=world_run / "data", out=pre, arch="seq2seq", **SMALL, block_size=48, max_steps=30,
+    call(pretrain_command, data=world_run / "data", out=pre, arch="seq2seq", **SMALL, block_size=48, max_steps=30,
                      batch_size=8, lr=3e-3, warmup_steps=5, eval_interval=15, eval_iters=2, samples=0,
                      checkpoint_interval=30)
     val = [r["val_loss"] for r in rows(pre) if "val_loss" in r]
@@ -271,7 +273,7 @@ def test_seq2seq_pretrain_sft_generate(world_run: Path, tmp_path: Path) -> None:
     assert json.loads((pre / "config.json").read_text())["objective"] == "prefix_lm"
 
     out = tmp_path / "s2s_sft"
-    sft_command(init=pre, data=[world_run / "world" / "sft_train.jsonl"], out=out, max_steps=30, batch_size=8,
+    call(sft_command, init=pre, data=[world_run / "world" / "sft_train.jsonl"], out=out, max_steps=30, batch_size=8,
                 lr=3e-3, dropout=0.1, eval_interval=15)
     val = [r["val_loss"] for r in rows(out) if "val_loss" in r]
     assert val[-1] < val[0], val
@@ -322,7 +324,7 @@ def test_sft_on_real_data(shared_data: Path, tmp_path: Path, name: str, rows_: i
         enc = encode_example(tok, examples[0], max_length)
         assert [x for x in enc.labels if x != IGNORE] == tok.encode("Business") + [tok.eos_id]
     out = tmp_path / "sft"
-    sft_command(init=init, data=[data], out=out, max_steps=12, batch_size=8, lr=3e-3, packing=True,
+    call(sft_command, init=init, data=[data], out=out, max_steps=12, batch_size=8, lr=3e-3, packing=True,
                 val_fraction=0.1, eval_interval=6)
     val = [r["val_loss"] for r in rows(out) if "val_loss" in r]
     assert len(val) == 3 and val[2] < val[1] < val[0] < 7.5, val  # steps 0 (random init: ln 1024 = 6.9), 6, 12
@@ -363,12 +365,12 @@ def test_bad_input_fails_clearly_and_writes_nothing(world_run: Path, tmp_path: P
     cases.append((dict(init=s2s, data=[good], packing=True), "--packing is for decoder-only models"))
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
-            sft_command(out=out, max_steps=2, **kwargs)
+            call(sft_command, out=out, max_steps=2, **kwargs)
         assert not out.exists(), (kwargs, message)
 
     # skip_invalid keeps the valid record and says how many were skipped
     with pytest.warns(UserWarning, match="skipped 1 invalid record"):
-        sft_command(init=init, data=[bad], out=out, max_steps=1, skip_invalid=True, val_fraction=0.0)
+        call(sft_command, init=init, data=[bad], out=out, max_steps=1, skip_invalid=True, val_fraction=0.0)
     assert json.loads((out / "done.json").read_text())["examples"] == 1
 
 
@@ -382,3 +384,50 @@ def test_cli(world_run: Path, tmp_path: Path) -> None:
     main(["sft", "--init", str(world_run / "pretrain"), "--data", str(world_run / "world" / "sft_train.jsonl"),
           "--out", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "4", "--packing"])
     assert json.loads((tmp_path / "o" / "done.json").read_text())["steps"] == 2
+
+
+def test_cli_recipe_file_with_a_flag_on_top(world_run: Path, tmp_path: Path) -> None:
+    from instructgpt.cli import main
+
+    out = tmp_path / "o"
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"init: {world_run / 'pretrain'}\n"
+                      f"data: [{world_run / 'world' / 'sft_train.jsonl'}]\n"
+                      f"out: {out}\n"
+                      "lr: 1e-3\n"
+                      "max-steps: 2\n"
+                      "packing: true\n"
+                      "dropout: 0.1\n"
+                      "train:\n  batch_size: 4\n  log_interval: 1\n")
+    main(["sft", "--config", str(recipe), "--lr", "3e-4"])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["init"] == str(world_run / "pretrain")
+    assert saved["data"] == [str(world_run / "world" / "sft_train.jsonl")]
+    assert saved["packing"] is True and saved["dropout"] == 0.1 and saved["select_by"] == "loss"
+    assert saved["train"]["lr"] == 3e-4  # the flag wins over the file
+    assert (saved["train"]["max_steps"], saved["train"]["batch_size"], saved["train"]["log_interval"]) == (2, 4, 1)
+    # SFT's own defaults for the shared settings; the computed ones stay None (resolved at run time)
+    assert (saved["train"]["weight_decay"], saved["train"]["keep_last"], saved["train"]["seed"]) == (0.0, 2, 1337)
+    assert saved["train"]["warmup_steps"] is None and saved["train"]["eval_interval"] is None
+    # the run completed with the flag's learning rate (one warm-up step: step 0 has the peak lr)
+    assert json.loads((out / "done.json").read_text())["steps"] == 2
+    assert [r["lr"] for r in rows(out) if "lr" in r][0] == pytest.approx(3e-4)
+    # args.json is itself a recipe: it rebuilds the same arguments
+    assert to_dict(build(SFTArgs, saved, "args.json")) == saved
+
+
+def test_cli_misspelled_recipe_key_names_the_key_and_the_file(world_run: Path, tmp_path: Path, capsys) -> None:
+    from instructgpt.cli import main
+
+    out = tmp_path / "o"
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"init: {world_run / 'pretrain'}\n"
+                      f"data: [{world_run / 'world' / 'sft_train.jsonl'}]\n"
+                      f"out: {out}\n"
+                      "bacth-size: 4\n")
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--config", str(recipe), "--max-steps", "1"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "'bacth-size'" in err and str(recipe) in err and "'batch-size'" in err  # the key, the file, the fix
+    assert not out.exists()

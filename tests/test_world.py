@@ -9,6 +9,7 @@ import pytest
 
 from instructgpt.cli import main
 from instructgpt.errors import UserError
+from instructgpt.world.corpus import WorldSizes, write_world
 from instructgpt.world.labeler import Labeler, numbers
 from instructgpt.world.world import (
     ATTRIBUTES,
@@ -16,13 +17,11 @@ from instructgpt.world.world import (
     FAMILIES,
     HELD_OUT_FAMILIES,
     World,
-    WorldSizes,
     build_world,
     demonstrate,
     make_prompts,
     number_words,
     write_demonstration,
-    write_world,
 )
 
 SMALL = WorldSizes(corpus_chars=30_000, n_sft=330, n_rm=110, n_rl=110, n_eval=220)

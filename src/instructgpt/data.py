@@ -48,7 +48,6 @@ JSON document that does not parse) are raised either way, and so is a file with 
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -62,10 +61,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from .errors import UserError
+from .records import raw_records, type_name
 
 ROLES = ("system", "user", "assistant")
 END_OF_TEXT = "<|endoftext|>"  # T0 / self-instruct completions end with GPT-2's end token, as text
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 SFT_FORMATS = (
     '{"prompt", "completion"}, {"messages": [...]} ending with an assistant message, '
@@ -172,7 +171,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
 
     Raises `UserError` at the first line that is not valid UTF-8, not valid JSON or not a JSON object.
     """
-    for number, _, record in _raw_records(path):
+    for number, _, record in raw_records(path):
         if isinstance(record, UserError):
             raise record
         yield number, record
@@ -213,7 +212,7 @@ def _read(path: str | Path, parse: Callable[[dict, str], T], skip_invalid: bool)
     out: Records[T] = Records()
     errors: list[str] = []
     # Whole-file errors come out of the generator, outside the try, so they are never skipped.
-    for _, loc, record in _raw_records(path):
+    for _, loc, record in raw_records(path):
         try:
             if isinstance(record, UserError):
                 raise record
@@ -307,7 +306,7 @@ def _alpaca_user(rec: dict, loc: str) -> str:
     _check_user(instruction, "instruction", loc)
     extra = rec.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise _field_error(loc, "input", f"expected a string, got {_type(extra)}")
+        raise _field_error(loc, "input", f"expected a string, got {type_name(extra)}")
     return f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
 
 
@@ -366,7 +365,7 @@ def _string(rec: dict, key: str, loc: str, reply: bool = False) -> str:
         raise _field_error(loc, key, "missing")
     value = rec[key]
     if not isinstance(value, str):
-        raise _field_error(loc, key, f"expected a string, got {_type(value)}")
+        raise _field_error(loc, key, f"expected a string, got {type_name(value)}")
     if reply:
         _check_reply(value, key, loc)
     return value
@@ -392,7 +391,7 @@ def _prompt_value(rec: dict, key: str, loc: str) -> list[dict]:
         return [_msg("user", value)]
     if isinstance(value, list):
         return _messages(rec, key, loc, last="user")
-    raise _field_error(loc, key, f"expected a string or a list of messages, got {_type(value)}")
+    raise _field_error(loc, key, f"expected a string or a list of messages, got {type_name(value)}")
 
 
 def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
@@ -401,14 +400,14 @@ def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
         raise _field_error(loc, key, "missing")
     value = rec[key]
     if not isinstance(value, list):
-        raise _field_error(loc, key, f"expected a list of messages, got {_type(value)}")
+        raise _field_error(loc, key, f"expected a list of messages, got {type_name(value)}")
     if not value:
         raise _field_error(loc, key, "expected at least one message, got an empty list")
     out = []
     for i, m in enumerate(value):
         name = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise _field_error(loc, name, f'expected an object with "role" and "content", got {_type(m)}')
+            raise _field_error(loc, name, f'expected an object with "role" and "content", got {type_name(m)}')
         role, content = m.get("role"), m.get("content")
         if role is None:
             raise _field_error(loc, f"{name}.role", "missing")
@@ -419,7 +418,7 @@ def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
         if content is None:
             raise _field_error(loc, f"{name}.content", "missing")
         if not isinstance(content, str):
-            raise _field_error(loc, f"{name}.content", f"expected a string, got {_type(content)}")
+            raise _field_error(loc, f"{name}.content", f"expected a string, got {type_name(content)}")
         out.append(_msg(role, content))
     if last is not None and out[-1]["role"] != last:
         raise _field_error(
@@ -437,12 +436,12 @@ def _completions(rec: dict, loc: str) -> list[str]:
         raise _field_error(loc, "completions", "missing")
     value = rec["completions"]
     if not isinstance(value, list):
-        raise _field_error(loc, "completions", f"expected a list of strings, got {_type(value)}")
+        raise _field_error(loc, "completions", f"expected a list of strings, got {type_name(value)}")
     if len(value) < 2:
         raise _field_error(loc, "completions", f"expected at least 2 completions to rank, got {len(value)}")
     for i, c in enumerate(value):
         if not isinstance(c, str):
-            raise _field_error(loc, f"completions[{i}]", f"expected a string, got {_type(c)}")
+            raise _field_error(loc, f"completions[{i}]", f"expected a string, got {type_name(c)}")
         _check_reply(c, f"completions[{i}]", loc)
     return list(value)
 
@@ -471,11 +470,6 @@ def _no_format(rec: dict, loc: str, what: str, formats: str) -> UserError:
     return UserError(f"{loc}: the record (keys: {keys}) is not a known {what} format; expected one of: {formats}")
 
 
-def _type(value: Any) -> str:
-    names = {str: "string", bool: "bool", int: "int", float: "float", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -484,167 +478,7 @@ def _short(value: Any) -> str:
 # -------------------------------------------------------------------------------------------- files
 
 
-_Raw = tuple[int, str, "dict | UserError"]
-
-
-def _raw_records(path: str | Path) -> Iterator[_Raw]:
-    """Yield (number, location, record or its error); raise errors that concern the whole file.
-
-    The location is what messages start with: "file:line" (JSONL, JSON) or "file: row N" (parquet).
-    """
-    p = Path(path)
-    name = str(path)
-    if not p.exists():
-        raise UserError(f"{name}: no such file")
-    if p.is_dir():
-        raise UserError(f"{name}: is a folder; expected a .jsonl, .json or .parquet file")
-    suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        yield from _parquet_records(p, name)
-        return
-    data = p.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    if not data.strip():
-        raise UserError(f"{name}: the file is empty")
-    if suffix in JSONL_SUFFIXES:
-        yield from _jsonl_records(data, name)
-        return
-    if suffix != ".json" and not data.lstrip().startswith(b"["):
-        yield from _jsonl_records(data, name)
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{name}:{line}: not valid UTF-8 (byte {e.start + 1} of the file)") from None
-    yield from _json_records(text, data, name)
-
-
-def _jsonl_records(data: bytes, name: str) -> Iterator[_Raw]:
-    count = 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        count += 1
-        loc = f"{name}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield number, loc, UserError(f"{loc}: not valid UTF-8 (byte {e.start + 1} of the line)")
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield number, loc, UserError(f"{loc}: not valid JSON: {e.msg} (column {e.colno})")
-            continue
-        if not isinstance(record, dict):
-            yield number, loc, UserError(f"{loc}: expected a JSON object, got {_type(record)}")
-            continue
-        yield number, loc, record
-    if count == 0:
-        raise UserError(f"{name}: the file is empty")
-
-
-_DECODER = json.JSONDecoder()
 # Keys that make a top-level JSON object one record rather than a holder of a list of records.
-_RECORD_KEYS = (
-    "messages",
-    "prompt",
-    "completion",
-    "chosen",
-    "rejected",
-    "instruction",
-    "question",
-    "completions",
-)
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _json_records(text: str, data: bytes, name: str) -> Iterator[_Raw]:
-    """A JSON list of records, one object holding one list of records, or one record.
-
-    The document is scanned value by value (`raw_decode`) so that each record's line is known.
-    """
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines in a .json file
-            yield from _jsonl_records(data, name)
-            return
-        raise UserError(f"{name}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-    if isinstance(doc, list):
-        records = _scan_array(text, _WS.match(text, 0).end())
-    elif isinstance(doc, dict) and any(k in doc for k in _RECORD_KEYS):  # a single record
-        records = iter([(_WS.match(text, 0).end(), doc)])
-    elif isinstance(doc, dict):
-        lists = [k for k, v in doc.items() if isinstance(v, list)]
-        if len(lists) != 1:
-            found = ", ".join(f'"{k}"' for k in lists) or "none"
-            raise UserError(
-                f"{name}: expected a list of records, or an object holding exactly one list of records; "
-                f"this object holds these lists: {found}"
-            )
-        records = _scan_array(text, _find_member(text, lists[0]))
-    else:
-        raise UserError(f"{name}:1: expected a JSON list of records or an object, got {_type(doc)}")
-    count = 0
-    for pos, record in records:
-        count += 1
-        number = text.count("\n", 0, pos) + 1
-        loc = f"{name}:{number}"
-        if isinstance(record, dict):
-            yield number, loc, record
-        else:
-            yield number, loc, UserError(f"{loc}: expected a JSON object, got {_type(record)}")
-    if count == 0:
-        raise UserError(f"{name}: no records (an empty list)")
-
-
-def _scan_array(text: str, pos: int) -> Iterator[tuple[int, Any]]:
-    """Yield (start offset, value) of each element of the JSON array that starts at text[pos] ("[")."""
-    pos = _WS.match(text, pos + 1).end()
-    if text[pos] == "]":
-        return
-    while True:
-        value, end = _DECODER.raw_decode(text, pos)
-        yield pos, value
-        pos = _WS.match(text, end).end()
-        if text[pos] == "]":
-            return
-        pos = _WS.match(text, pos + 1).end()  # skip the comma (the document already parsed)
-
-
-def _find_member(text: str, key: str) -> int:
-    """The offset of the value of a top-level member of the JSON object at the start of text."""
-    pos = _WS.match(text, 0).end() + 1  # after "{"
-    while True:
-        pos = _WS.match(text, pos).end()
-        name, pos = _DECODER.raw_decode(text, pos)
-        pos = _WS.match(text, pos).end() + 1  # after ":"
-        pos = _WS.match(text, pos).end()
-        if name == key:
-            return pos
-        _, pos = _DECODER.raw_decode(text, pos)
-        pos = _WS.match(text, pos).end() + 1  # after ","
-
-
-def _parquet_records(p: Path, name: str) -> Iterator[_Raw]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(
-            f"{name}: reading parquet needs pyarrow: pip install 'instructgpt[parquet]' (or pip install pyarrow)"
-        ) from None
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as e:  # pyarrow raises its own error types for a file that is not parquet
-        raise UserError(f"{name}: not a readable parquet file: {e}") from None
-    if not rows:
-        raise UserError(f"{name}: the file is empty (no rows)")
-    for number, row in enumerate(rows, start=1):
-        # A table has every column in every row: a column a record does not have reads as null.
-        yield number, f"{name}: row {number}", {k: v for k, v in row.items() if v is not None}
 
 
 def ended_flags(c: Comparison) -> list[bool] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,11 +26,13 @@ from .batching import IGNORE, EpochSampler, pad_labelled
 from .chat import render_prompt, render_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
 from .data import ended_flags, read_rankings, split_comparisons
-from .distributed import all_reduce_sums, prepare_model, rank_rows, shard_model
+from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
 from .losses import dpo_loss, sequence_logprobs
 from .model import set_dropout
+from .recipe import to_dict, write_args
 from .tokenizer import Tokenizer
+from .train import TrainConfig
 
 
 def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int,
@@ -108,171 +111,229 @@ def to_pairs(tok: Tokenizer, comps: list, max_length: int) -> list[dict]:
     return pairs
 
 
-def dpo_command(
-    init: Path,
-    data: list[Path],
-    out: Path,
-    val_data: list[Path] | None = None,
-    val_fraction: float = 0.1,
-    beta: float = 0.1,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    lr: float = 5e-5,
-    min_lr: float | None = None,
-    warmup_steps: int = 10,
-    max_length: int | None = None,
-    dropout: bool = False,
-    log_interval: int = 1,
-    eval_interval: int | None = None,
-    checkpoint_interval: int = 500,
-    keep_last: int = 2,
-    seed: int = 1337,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool | None = None,
-    fsdp: bool = False,
-    resume: bool = False,
-    skip_invalid: bool = False,
-) -> dict:
-    """DPO on preference pairs (or rankings split into their pairs), with the SFT model as the reference.
+# ----------------------------------------------------------------------------------------------------
+# The stage
 
-    Args:
-        init: the SFT checkpoint: the initial policy and the frozen reference.
-        data: comparison files (pairs, Anthropic HH, or K-way rankings).
-        out: stage folder to write.
-        val_data: held-out comparison files; without them, val_fraction of the prompts is held out.
-        val_fraction: share of the prompts (with all their pairs) held out when no --val-data is given.
-        beta: strength of the implicit KL constraint (0.1 by default, as in the DPO paper).
-        epochs: passes over the training pairs.
-        max_steps: optimizer steps (overrides epochs).
-        batch_size: pairs per micro-batch.
-        max_length: longest prompt + response in tokens (default: the model's context).
-        dropout: keep the checkpoint's dropout in the policy (off by default: with it, log pi differs from log pi_ref at
-            step 0 by noise alone).
-        log_interval: write the per-step metrics every this many steps.
-        eval_interval: held-out metrics every this many steps (default: 5 times per run, and at the end).
-        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
-        keep_last: step checkpoints to keep.
-        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
-            of replicating them (DDP).
-        resume: continue the run in OUT from its latest checkpoint.
-        skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
-    """
-    t0 = time.time()
-    init, out = Path(init), Path(out)
-    check_out(out, resume, "DPO")
-    if resume and (summary := read_done(out)) is not None:
-        print(json.dumps(summary))
-        return summary
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if beta <= 0:
-        raise UserError(f"--beta must be positive, got {beta}")
-    if epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {epochs}")
+WARMUP_STEPS = 10  # the default --warmup-steps, and what None means
 
-    # 1. read and encode the data (a bad file fails here, before anything is written to OUT)
-    if read_config(init)["kind"] != "gpt":
-        raise UserError(f"{init}: DPO needs a decoder-only language model")
-    tok = Tokenizer.load(init / "tokenizer.json")
-    comps = read_rankings(data, skip_invalid)
-    if val_data:
-        trn_c, val_c = comps, read_rankings(val_data, skip_invalid)
+
+@dataclass
+class DPOArgs:
+    """The arguments of `instructgpt dpo`: flags, or the keys of a --config recipe file."""
+
+    init: Path  # the SFT checkpoint: the initial policy and the frozen reference
+    data: list[Path]  # comparison files (pairs, Anthropic HH, or K-way rankings)
+    out: Path  # stage folder to write
+    val_data: list[Path] | None = None  # held-out comparison files; None: --val-fraction of the prompts is held out
+    val_fraction: float = 0.1  # share of the prompts (with all their pairs) held out when no --val-data is given
+    beta: float = 0.1  # strength of the implicit KL constraint (0.1, as in the DPO paper)
+    epochs: float = 1.0  # passes over the training pairs (--max-steps, when given, overrides it)
+    max_length: int | None = None  # longest prompt + response in tokens; None: the model's context
+    # keep the checkpoint's dropout in the policy (off by default: with it, log pi differs from log pi_ref at
+    # step 0 by noise alone)
+    dropout: bool = False
+    skip_invalid: bool = False  # skip invalid records (counted and reported) instead of stopping at the first
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=16,  # pairs per micro-batch
+        lr=5e-5,
+        warmup_steps=WARMUP_STEPS,  # None: the same 10
+        max_steps=None,  # None: --epochs passes over the training pairs
+        weight_decay=0.0,
+        grad_clip=1.0,
+        log_interval=1,
+        eval_interval=None,  # held-out metrics every this many steps; None: 5 times per run (and at the end)
+        checkpoint_interval=500,  # None: at the end only
+        keep_last=2,
+        seed=1337,  # also draws the held-out prompts (the same ones `instructgpt rm` holds out) and the pair order
+    ))
+
+
+def check_args(args: DPOArgs) -> None:
+    """Every user error that shows without reading the data, before anything is written."""
+    check_out(args.out, args.train.resume, "DPO")
+    args.train.validate()
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.beta <= 0:
+        raise UserError(f"--beta must be positive, got {args.beta}")
+    if args.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {args.epochs}")
+
+
+@dataclass
+class Run:
+    """What the steps of the stage share: the resolved settings, the runtime, the policy and the pairs."""
+
+    cfg: TrainConfig  # args.train with max_steps, warmup_steps and checkpoint_interval resolved
+    runtime: Runtime
+    tok: Tokenizer
+    model: nn.Module  # the policy (sharded in place under FSDP); `fwd` wraps it for the training forward
+    trn: list[dict]  # training pairs, with their reference log-probabilities once scored
+    val: list[dict]  # held-out pairs
+    every: int  # held-out metrics every this many steps
+
+
+def load(args: DPOArgs) -> Run:
+    """Read and encode the data, start the runtime, load the policy, resolve the schedule."""
+    # a bad file fails here, before anything is written to OUT
+    if read_config(args.init)["kind"] != "gpt":
+        raise UserError(f"{args.init}: DPO needs a decoder-only language model")
+    tok = Tokenizer.load(args.init / "tokenizer.json")
+    comps = read_rankings(args.data, args.skip_invalid)
+    if args.val_data:
+        trn_c, val_c = comps, read_rankings(args.val_data, args.skip_invalid)
     else:
         # held out by prompt (no prompt's pairs on both sides), the same prompts as `instructgpt rm` holds out
-        trn_c, val_c = split_comparisons(comps, val_fraction, seed)
-    tcfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
-                             warmup_steps=warmup_steps, max_steps=max_steps or 1, weight_decay=0.0, seed=seed,
-                             device=device, dtype=dtype, compile=compile, log_interval=log_interval,
-                             checkpoint_interval=checkpoint_interval, keep_last=keep_last, fsdp=fsdp)
-    runtime = train.setup(tcfg)
-    dev = runtime.device
-    model = load_model(init, kind="gpt", device=dev)
-    L = min(max_length or model.config.block_size, model.config.block_size)
+        trn_c, val_c = split_comparisons(comps, args.val_fraction, args.train.seed)
+    given = args.train
+    # max_steps is a placeholder until epoch_schedule knows the world size
+    cfg = replace(given, max_steps=given.max_steps or 1,
+                  warmup_steps=WARMUP_STEPS if given.warmup_steps is None else given.warmup_steps)
+    runtime = train.setup(cfg)
+    model = load_model(args.init, kind="gpt", device=runtime.device)
+    L = min(args.max_length or model.config.block_size, model.config.block_size)
     trn, val = to_pairs(tok, trn_c, L), to_pairs(tok, val_c, L)
     if not trn:
         raise UserError(f"no training pairs left after holding out {len(val)} for validation")
+    _, total_steps = train.epoch_schedule(len(trn), args.epochs, given.max_steps, cfg, runtime)
+    cfg.checkpoint_interval = cfg.checkpoint_interval or total_steps
+    every = cfg.eval_interval or max(1, total_steps // 5)
+    return Run(cfg, runtime, tok, model, trn, val, every)
 
-    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
-    every = eval_interval or max(1, total_steps // 5)
 
-    # 2. the reference's log-probabilities, once for the whole run, of the pairs the run will visit (a
-    # replay of the sampler: a short run over many pairs scores only its steps' pairs); then it is freed
-    ref = load_model(init, kind="gpt", device=dev).requires_grad_(False)
-    if runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
-        shard_model(ref, runtime)
-    replay = EpochSampler(len(trn), seed)
-    per_step = train.examples_per_step(tcfg, runtime)
-    visited = sorted({i for _ in range(total_steps) for i in replay.take(per_step)})
-    with runtime.autocast():
-        reference_logprobs(ref, [trn[i] for i in visited], tok.pad_id, dev)
-        reference_logprobs(ref, val, tok.pad_id, dev)
+def score_reference(args: DPOArgs, run: Run) -> None:
+    """The reference's log-probabilities, once for the whole run, of the pairs the run will visit (a replay of
+    the sampler: a short run over many pairs scores only its steps' pairs); then the reference is freed."""
+    dev = run.runtime.device
+    ref = load_model(args.init, kind="gpt", device=dev).requires_grad_(False)
+    if run.runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
+        shard_model(ref, run.runtime)
+    replay = EpochSampler(len(run.trn), run.cfg.seed)
+    per_step = train.examples_per_step(run.cfg, run.runtime)
+    visited = sorted({i for _ in range(run.cfg.max_steps) for i in replay.take(per_step)})
+    with run.runtime.autocast():
+        reference_logprobs(ref, [run.trn[i] for i in visited], run.tok.pad_id, dev)
+        reference_logprobs(ref, run.val, run.tok.pad_id, dev)
     del ref
 
-    if not dropout:
-        set_dropout(model, 0.0, attn=0.0)  # with dropout, log pi differs from log pi_ref at step 0 by noise
-    fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
-    optimizer = train.make_optimizer(model, tcfg, runtime)
-    sampler = EpochSampler(len(trn), seed)
-    ckpt = Checkpointer(out, keep_last=keep_last)
+
+@dataclass
+class Loop:
+    """The training state: wrapped policy, optimizer, pair order, checkpoints, metrics, where the run is."""
+
+    fwd: nn.Module  # the policy under DDP or FSDP
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    ckpt: Checkpointer
+    log: train.MetricsLog
+    step: int
+    before: dict | None  # held-out metrics of the initial policy (kept in the checkpoints)
+
+
+def start(args: DPOArgs, run: Run) -> Loop:
+    """Optimizer and pair order, fresh or from the latest checkpoint; OUT/args.json and the metrics log."""
+    if not args.dropout:
+        set_dropout(run.model, 0.0, attn=0.0)  # with dropout, log pi differs from log pi_ref at step 0 by noise
+    fwd = prepare_model(run.model, run.runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
+    optimizer = train.make_optimizer(run.model, run.cfg, run.runtime)
+    sampler = EpochSampler(len(run.trn), run.cfg.seed)
+    ckpt = Checkpointer(args.out, keep_last=run.cfg.keep_last)
     step, before = 0, None
-    if resume and (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
+    if run.cfg.resume and (latest := ckpt.latest()) is not None:
+        state = ckpt.load(latest, {"model": run.model}, {"optimizer": optimizer})
         step, before = state["step"], state.get("before")
         sampler.restore(state["sampler"])
-    elif val:
-        before = evaluate(model, val, tok.pad_id, beta, dev)
-    out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
+    elif run.val:
+        before = evaluate(run.model, run.val, run.tok.pad_id, args.beta, run.runtime.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if run.runtime.is_main:
+        write_args(args.out, args)
+    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=run.runtime.is_main,
+                           report_to=run.cfg.report_to, stage="dpo", config=to_dict(args))
+    return Loop(fwd, optimizer, sampler, ckpt, log, step, before)
 
-    # 3. the loop
+
+def train_loop(args: DPOArgs, run: Run, loop: Loop) -> dict | None:
+    """The optimizer steps up to max_steps; returns the held-out metrics of the last step (None if it ran none)."""
+    cfg, runtime, dev, pad_id = run.cfg, run.runtime, run.runtime.device, run.tok.pad_id
     seen: dict[str, float] = {}
 
     def loss_sum(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
         lp = sequence_logprobs(m, b)  # (2N,) chosen rows, then rejected rows
         n = b["ref"].size(0)
-        loss, chosen, rejected = dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], beta)
+        loss, chosen, rejected = dpo_loss(lp[:n], lp[n:], b["ref"][:, 0], b["ref"][:, 1], args.beta)
         for k, v in pair_metrics(loss, chosen, rejected).items():
             seen[k] = seen.get(k, 0.0) + v
         return loss.sum()
 
-    progress = train.Progress(total_steps, "dpo", start=step)
-    model.train()
+    progress = train.Progress(cfg.max_steps, "dpo", start=loop.step)
+    run.model.train()
     after = None  # the held-out metrics of the last step, evaluated once
-    while step < total_steps:
-        micro = [pair_batch(trn, rank_rows(sampler.take(batch_size * runtime.world_size), runtime), tok.pad_id,
-                            dev) for _ in range(grad_accum)]
+    while loop.step < cfg.max_steps:
+        micro = [pair_batch(run.trn, rank_rows(loop.sampler.take(cfg.batch_size * runtime.world_size), runtime),
+                            pad_id, dev) for _ in range(cfg.grad_accum)]
         seen.clear()
-        stats = train.train_step(fwd, optimizer, micro, loss_sum, lambda b: b["ref"].size(0), tcfg, runtime, step)
-        step += 1
-        n_pairs = stats["tokens"]
+        stats = train.train_step(loop.fwd, loop.optimizer, micro, loss_sum, lambda b: b["ref"].size(0), cfg,
+                                 runtime, loop.step)
+        loop.step += 1
+        step, n_pairs = loop.step, stats["tokens"]
         sums = all_reduce_sums(seen, runtime)
         row = {"step": step, "loss": stats["loss"], **{k: v / n_pairs for k, v in sums.items() if k != "loss"},
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "pairs": n_pairs}
-        if val and (step % every == 0 or step == total_steps):
-            ev = evaluate(model, val, tok.pad_id, beta, dev)
+        if run.val and (step % run.every == 0 or step == cfg.max_steps):
+            ev = evaluate(run.model, run.val, pad_id, args.beta, dev)
             row |= {f"eval/{k}": v for k, v in ev.items() if k != "rewards/accuracy"}
-            after = ev if step == total_steps else None
-        if step % log_interval == 0 or "eval/accuracy" in row:
-            log.write(row)
-        if step % checkpoint_interval == 0 or step == total_steps:
-            ckpt.save(step, {"model": model}, {"optimizer": optimizer},
-                      {"step": step, "sampler": sampler.state(), "before": before})
+            after = ev if step == cfg.max_steps else None
+        if step % cfg.log_interval == 0 or "eval/accuracy" in row:
+            loop.log.write(row)
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+            loop.ckpt.save(step, {"model": run.model}, {"optimizer": loop.optimizer},
+                           {"step": step, "sampler": loop.sampler.state(), "before": loop.before})
         progress.update(step, stats)
     progress.close()
+    return after
 
-    # 4. save; done.json last
-    if val and after is None:  # a resumed run that had already finished its steps
-        after = evaluate(model, val, tok.pad_id, beta, dev)
-    ckpt.export(model, extra={"stage": "dpo", "beta": beta})
-    summary = {"stage": "dpo", "steps": step, "pairs": len(trn), "val_pairs": len(val), "beta": beta,
+
+def finish(args: DPOArgs, run: Run, loop: Loop, after: dict | None, t0: float) -> dict:
+    """Export the policy and write done.json (last); returns the summary."""
+    if run.val and after is None:  # a resumed run that had already finished its steps
+        after = evaluate(run.model, run.val, run.tok.pad_id, args.beta, run.runtime.device)
+    loop.ckpt.export(run.model, extra={"stage": "dpo", "beta": args.beta})
+    before = loop.before
+    summary = {"stage": "dpo", "steps": loop.step, "pairs": len(run.trn), "val_pairs": len(run.val),
+               "beta": args.beta,
                "val_accuracy_before": before["accuracy"] if before else None,
                "val_accuracy_after": after["accuracy"] if after else None,
                "val_margin_after": after["rewards/margins"] if after else None,
                "seconds": round(time.time() - t0, 2)}
-    if runtime.is_main:
-        write_done(out, summary, tokenizer_from=init)
+    if run.runtime.is_main:
+        write_done(args.out, summary, tokenizer_from=args.init)
         print(json.dumps(summary))
     return summary
+
+
+def dpo_command(args: DPOArgs) -> dict:
+    """DPO on preference pairs (or rankings split into their pairs), with the SFT model as the reference.
+
+    Writes OUT/args.json, metrics.jsonl, checkpoints/, the policy (model.safetensors) and done.json last;
+    returns the summary that done.json holds (that of the finished run, with --resume on one).
+    """
+    t0 = time.time()
+    check_args(args)
+    if args.train.resume and (summary := read_done(args.out)) is not None:
+        print(json.dumps(summary))
+        return summary
+
+    # 1. read and encode the data, load the policy
+    run = load(args)
+
+    # 2. the reference's log-probabilities of the pairs, once; then the reference is freed
+    score_reference(args, run)
+
+    # 3. the loop
+    loop = start(args, run)
+    after = train_loop(args, run, loop)
+    loop.log.close()
+
+    # 4. save; done.json last
+    return finish(args, run, loop, after, t0)

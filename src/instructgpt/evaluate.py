@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from .distributed import resolve_device
 from .errors import UserError
 from .losses import seq2seq_loss_sum, sequence_logprobs
 from .model import GPT, Seq2Seq
+from .recipe import write_args
 from .tokenizer import Tokenizer
 from .train import Progress
 from .world.judge import summarise, win_rate, world_record
@@ -170,44 +172,79 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
     return {"models": results, "samples": samples, "prompts": len(items), "few_shot_chance": chance}
 
 
-def eval_command(
-    run: Path,
-    world: Path | None = None,
-    prompts: Path | None = None,
-    out: Path | None = None,
-    max_new_tokens: int = 48,
-    max_prompts: int | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str = "auto",
-) -> None:
-    """Evaluate every finished model of a run folder (pretrain, sft, ppo, ppo_ptx, dpo) on held-out world
-    prompts; writes RUN/eval/results.json and prints a table.
+@dataclass
+class EvalArgs:
+    """The arguments of `instructgpt eval`: flags, or the keys of a --config recipe file."""
 
-    Args:
-        run: the run folder (as `instructgpt pipeline` lays it out).
-        world: the world folder (default RUN/world).
-        prompts: held-out prompts (default WORLD/prompts_eval.jsonl).
-        out: results file (default RUN/eval/results.json).
+    run: Path  # the run folder (as `instructgpt pipeline` lays it out)
+    world: Path | None = None  # the world folder; None: RUN/world
+    prompts: Path | None = None  # held-out prompts; None: WORLD/prompts_eval.jsonl
+    out: Path | None = None  # results file; None: RUN/eval/results.json (args.json is written beside it)
+    max_new_tokens: int = 48  # longest reply, in tokens (greedy)
+    max_prompts: int | None = None  # evaluate on the first this many prompts; None: all of them
+    batch_size: int = 64  # prompts per batch of greedy replies
+    # seeds the labeler's judgements and draws the few-shot examples. 0, not the training stages' 1337: the
+    # pipeline's figures (its --seed defaults to 0) depend on it
+    seed: int = 0
+    device: str = "auto"  # "cpu", "cuda", "cuda:1", or auto = cuda if available else cpu
+
+
+@dataclass
+class EvalInputs:
+    """The resolved paths of an evaluation: what it reads and where it writes."""
+
+    world: Path
+    prompts: Path
+    out: Path  # the results file
+    models: dict[str, Path]  # {name in MODEL_ORDER: finished stage folder}
+    heldout: Path | None  # held-out pretraining text (WORLD/corpus_heldout.txt), when the world has it
+
+
+STAGE_DIRS = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo"}
+
+
+def resolve_inputs(args: EvalArgs) -> EvalInputs:
+    """The defaults of the paths filled in, the run's finished models found. A missing world or prompts file, or
+    a run without an SFT model (every model is compared with it), is a user error, before anything is written."""
+    run = Path(args.run)
+    world = Path(args.world or run / "world")
+    prompts = Path(args.prompts or world / "prompts_eval.jsonl")
+    if not (world / "world.json").is_file():
+        raise UserError(f"--world {world}: no world.json there (made by `instructgpt world`)")
+    if not prompts.is_file():
+        raise UserError(f"--prompts {prompts}: no such file")
+    models = {name: run / d for name, d in STAGE_DIRS.items() if (run / d / "model.safetensors").exists()}
+    if "sft" not in models:
+        raise UserError(f"--run {run}: no finished SFT model ({run / 'sft' / 'model.safetensors'}); the evaluation "
+                        "compares every model with it")
+    heldout = world / "corpus_heldout.txt"
+    return EvalInputs(world, prompts, Path(args.out or run / "eval" / "results.json"), models,
+                      heldout if heldout.exists() else None)
+
+
+def eval_command(args: EvalArgs) -> dict:
+    """Evaluate every finished model of a run folder (pretrain, sft, ppo, ppo_ptx, dpo) on held-out world prompts.
+
+    Writes RUN/eval/results.json (or --out) with args.json beside it and prints a table; returns the results.
     """
     t0 = time.time()
-    run = Path(run)
-    world = Path(world or run / "world")
-    prompts = Path(prompts or world / "prompts_eval.jsonl")
-    stage_dirs = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo"}
-    models = {name: run / d for name, d in stage_dirs.items() if (run / d / "model.safetensors").exists()}
-    heldout = world / "corpus_heldout.txt"
-    res = evaluate_models(models, world, prompts, heldout if heldout.exists() else None, max_new_tokens,
-                          batch_size, max_prompts, device, seed)
-    rm_done = run / "rm" / "done.json"
+    # 1. the inputs, and the arguments beside the results
+    inputs = resolve_inputs(args)
+    write_args(inputs.out.parent, args)
+
+    # 2. every figure of every model
+    res = evaluate_models(inputs.models, inputs.world, inputs.prompts, inputs.heldout, args.max_new_tokens,
+                          args.batch_size, args.max_prompts, args.device, args.seed)
+
+    # 3. the reward model's held-out accuracy from its summary; results.json, atomically
+    rm_done = Path(args.run) / "rm" / "done.json"
     rm_acc = json.loads(rm_done.read_text()).get("val_accuracy") if rm_done.exists() else None
     results = {"rm": {"accuracy": rm_acc}, **res, "seconds": time.time() - t0}
-    out = Path(out or run / "eval" / "results.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = inputs.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    tmp.replace(inputs.out)
     print_table(results)
+    return results
 
 
 def print_table(results: dict) -> None:

@@ -6,19 +6,37 @@ Each stage writes its own folder and a `done.json` marker last; a stage whose ma
 so a stopped pipeline resumes where it stopped. Stages talk only through these files, so any stage can
 also be run by hand with its own command.
 
+`--recipe FILE` runs the stages a recipe file names, on the user's own files, instead of the world's (see
+`run_recipe`).
+
 The presets size every stage. `tiny` runs on a laptop CPU in minutes; `smoke` is the seconds-long
 version the tests run; `small` is meant for one GPU.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .checkpoint import DONE
+from .collect import collect_command
+from .dpo import dpo_command
 from .errors import UserError
+from .evaluate import eval_command
+from .ppo import ppo_command
+from .prepare import prepare_command
+from .pretrain import pretrain_command
+from .recipe import args_class, build, call, read_recipe_file
+from .report import report_command
+from .rm import rm_command
+from .sft import sft_command
+from .world.command import world_command
 
 # Sizes per preset. The arithmetic for `tiny`: a 4-layer, 128-dim GPT pretrained on a 1.5 MB corpus
 # (about 390k tokens) for 1000 steps of 16 x 128 tokens (2M tokens, five passes); SFT on 2000
@@ -77,116 +95,192 @@ PRESETS: dict[str, dict] = {
 STAGES = ("world", "prepare", "pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "dpo", "eval", "report")
 
 
-def _done(path: Path) -> bool:
-    return path.exists()
+@dataclass
+class PipelineArgs:
+    # the size of every stage: smoke (seconds, for tests), tiny (minutes on a laptop CPU), small (one GPU)
+    preset: Literal["smoke", "tiny", "small"] = "tiny"
+    out: Path = Path("runs/tiny")  # the run folder (see the README for its layout)
+    seed: int = 0  # seeds the world and every stage
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    stages: list[str] | None = None  # run only these stages (their inputs must exist), e.g. --stages eval report
+    # the world's demonstrations carry their writers' habits (see `instructgpt world`); --no-demo-habits gives the
+    # labeler's own replies, a world in which SFT leaves RL little to fix
+    demo_habits: bool = True
+    recipe: Path | None = None  # a YAML/TOML file of stages to run on your own files instead of the world
 
 
-def pipeline_command(
-    preset: Literal["smoke", "tiny", "small"] = "tiny",
-    out: Path = Path("runs/tiny"),
-    seed: int = 0,
-    device: str = "auto",
-    stages: list[str] | None = None,
-    demo_habits: bool = True,
-) -> None:
-    """Run the whole InstructGPT recipe on the embedded instruction world, skipping finished stages.
-
-    Args:
-        preset: size of every stage: smoke (seconds, for tests), tiny (minutes on a laptop CPU), small (one GPU).
-        out: the run folder (see the README for its layout).
-        seed: seeds the world and every stage.
-        device: auto, cpu, cuda, cuda:N.
-        stages: run only these stages (their inputs must exist), e.g. --stages eval report.
-        demo_habits: the world's demonstrations carry their writers' habits (see `instructgpt world`);
-            --no-demo-habits gives the labeler's own replies, a world in which SFT leaves RL little to fix.
-    """
-    from .collect import collect_command
-    from .dpo import dpo_command
-    from .evaluate import eval_command
-    from .ppo import ppo_command
-    from .prepare import prepare_command
-    from .pretrain import pretrain_command
-    from .report import report_command
-    from .rm import rm_command
-    from .sft import sft_command
-    from .world.command import world_command
-
-    p = PRESETS[preset]
-    run = Path(out)
-    unknown = sorted(set(stages or []) - set(STAGES))
+def pipeline_command(args: PipelineArgs) -> None:
+    """Run the whole InstructGPT recipe on the embedded instruction world, skipping finished stages."""
+    if args.recipe is not None:
+        run_recipe(args.recipe, args.out, args.seed, args.device)
+        return
+    unknown = sorted(set(args.stages or []) - set(STAGES))
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    p = PRESETS[args.preset]
+    run = Path(args.out)
+    manifest = read_manifest(run, args)
+    stage = stage_runner(run, manifest, args.stages)
+    world, data = run / "world", run / "data"
+    rankings = data / "rankings.jsonl"
+    common = dict(seed=args.seed, device=args.device)
+
+    def resume(name: str) -> dict:
+        return {"out": run / name, "resume": (run / name).exists()}
+
+    stage("world", world / DONE, lambda: make_world(world, args.seed, args.demo_habits, p))
+    stage("prepare", data / "meta.json", lambda: prepare_data(run, world, data, args.seed, p))
+    stage("pretrain", run / "pretrain" / DONE, lambda: call(
+        pretrain_command, data=data, **resume("pretrain"), **p["model"], **p["pretrain"], **common))
+    stage("sft", run / "sft" / DONE, lambda: call(
+        sft_command, init=run / "pretrain", data=[world / "sft_train.jsonl"], **resume("sft"), **p["sft"],
+        **common))
+    stage("collect", rankings, lambda: call(
+        collect_command, init=run / "sft", prompts=world / "prompts_rm.jsonl", out=rankings, world=world,
+        **p["collect"], **common))
+    stage("rm", run / "rm" / DONE, lambda: call(
+        rm_command, init=run / "sft", data=[rankings], demos=[world / "sft_train.jsonl"], **resume("rm"),
+        **p["rm"], **common))
+    stage("ppo", run / "ppo" / DONE, lambda: call(
+        ppo_command, init=run / "sft", reward=run / "rm", prompts=world / "prompts_rl.jsonl", **resume("ppo"),
+        **p["ppo"], **common))
+    stage("ppo_ptx", run / "ppo_ptx" / DONE, lambda: call(
+        ppo_command, init=run / "sft", reward=run / "rm", prompts=world / "prompts_rl.jsonl",
+        ptx_coef=p["ptx_coef"], ptx_data=data, **resume("ppo_ptx"), **p["ppo"], **common))
+    stage("dpo", run / "dpo" / DONE, lambda: call(
+        dpo_command, init=run / "sft", data=[rankings], **resume("dpo"), **p["dpo"], **common))
+    stage("eval", run / "eval" / "results.json", lambda: call(
+        eval_command, run=run, world=world, **p["eval"], **common))
+    results_path = run / "eval" / "results.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        results |= {"preset": args.preset, "seed": args.seed, "stage_seconds": manifest["stage_seconds"]}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    stage("report", run / "report.html", lambda: report_command(run=run))
+    print(f"[pipeline] finished: report at {run / 'report.html'} (and {run / 'report.md'})")
+
+
+def read_manifest(run: Path, args: PipelineArgs) -> dict:
+    """RUN/pipeline.json: the preset, seed and world of the run; a run folder of another kind is refused."""
     run.mkdir(parents=True, exist_ok=True)
-    manifest_path = run / "pipeline.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    path = run / "pipeline.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
     if manifest and (manifest.get("preset"), manifest.get("seed"), manifest.get("demo_habits", True)) != (
-            preset, seed, demo_habits):
+            args.preset, args.seed, args.demo_habits):
         habits = "with" if manifest.get("demo_habits", True) else "without"
         raise UserError(f"{run} holds a pipeline run with preset {manifest.get('preset')!r}, seed "
                         f"{manifest.get('seed')} and {habits} demonstration habits; choose another --out")
-    manifest |= {"preset": preset, "seed": seed, "demo_habits": demo_habits, "config": p}
+    manifest |= {"preset": args.preset, "seed": args.seed, "demo_habits": args.demo_habits,
+                 "config": PRESETS[args.preset]}
     manifest.setdefault("stage_seconds", {})
+    return manifest
 
-    def stage(name: str, marker: Path, fn) -> None:
-        if stages is not None and name not in stages:
+
+def stage_runner(run: Path, manifest: dict, only: list[str] | None) -> Callable[[str, Path, Callable], None]:
+    """stage(name, marker, fn): run fn unless the stage's marker shows it finished (or --stages leaves it
+    out), and record its time in RUN/pipeline.json."""
+
+    def stage(name: str, marker: Path, fn: Callable) -> None:
+        if only is not None and name not in only:
             return
-        if marker.exists() and stages is None:
+        if marker.exists() and only is None:
             print(f"[pipeline] {name}: done, skipped")
             return
         print(f"[pipeline] {name} ...")
         t0 = time.time()
         fn()
         manifest["stage_seconds"][name] = round(time.time() - t0, 2)
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        (run / "pipeline.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    world = run / "world"
-    data = run / "data"
-    rankings = data / "rankings.jsonl"
-    common = dict(seed=seed, device=device)
+    return stage
 
-    def do_world():
-        if world.exists():
-            shutil.rmtree(world)  # an earlier attempt stopped mid-way (no done marker)
-        world_command(out=world, seed=seed, demo_habits=demo_habits, **p["world"])
-        (world / "done.json").write_text("{}\n")
 
-    def do_prepare():
-        if data.exists():
-            shutil.rmtree(data)
-        prepare_command(inputs=[world / "corpus.txt"], out=data, tokenizer="bpe", vocab_size=p["vocab_size"],
-                        seed=seed)
-        (run / "tokenizer").mkdir(exist_ok=True)
-        shutil.copy(data / "tokenizer.json", run / "tokenizer" / "tokenizer.json")
+def make_world(world: Path, seed: int, demo_habits: bool, p: dict) -> None:
+    if world.exists():
+        shutil.rmtree(world)  # an earlier attempt stopped mid-way (no done marker)
+    world_command(out=world, seed=seed, demo_habits=demo_habits, **p["world"])
+    (world / DONE).write_text("{}\n")
 
-    stage("world", world / "done.json", do_world)
-    stage("prepare", data / "meta.json", do_prepare)
-    stage("pretrain", run / "pretrain" / "done.json", lambda: pretrain_command(
-        data=data, out=run / "pretrain", resume=(run / "pretrain").exists(), **p["model"], **p["pretrain"],
-        **common))
-    stage("sft", run / "sft" / "done.json", lambda: sft_command(
-        init=run / "pretrain", data=[world / "sft_train.jsonl"], out=run / "sft",
-        resume=(run / "sft").exists(), **p["sft"], **common))
-    stage("collect", rankings, lambda: collect_command(
-        policy=run / "sft", prompts=world / "prompts_rm.jsonl", out=rankings, world=world, **p["collect"],
-        **common))
-    stage("rm", run / "rm" / "done.json", lambda: rm_command(
-        init=run / "sft", data=[rankings], demos=[world / "sft_train.jsonl"], out=run / "rm",
-        resume=(run / "rm").exists(), **p["rm"], **common))
-    stage("ppo", run / "ppo" / "done.json", lambda: ppo_command(
-        policy=run / "sft", reward=run / "rm", prompts=world / "prompts_rl.jsonl", out=run / "ppo",
-        resume=(run / "ppo").exists(), **p["ppo"], **common))
-    stage("ppo_ptx", run / "ppo_ptx" / "done.json", lambda: ppo_command(
-        policy=run / "sft", reward=run / "rm", prompts=world / "prompts_rl.jsonl", out=run / "ppo_ptx",
-        ptx_coef=p["ptx_coef"], ptx_data=data, resume=(run / "ppo_ptx").exists(), **p["ppo"], **common))
-    stage("dpo", run / "dpo" / "done.json", lambda: dpo_command(
-        init=run / "sft", data=[rankings], out=run / "dpo", resume=(run / "dpo").exists(), **p["dpo"],
-        **common))
-    stage("eval", run / "eval" / "results.json", lambda: eval_command(
-        run=run, world=world, **p["eval"], **common))
-    results_path = run / "eval" / "results.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
-        results |= {"preset": preset, "seed": seed, "stage_seconds": manifest["stage_seconds"]}
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-    stage("report", run / "report.html", lambda: report_command(run=run))
-    print(f"[pipeline] finished: report at {run / 'report.html'} (and {run / 'report.md'})")
+
+def prepare_data(run: Path, world: Path, data: Path, seed: int, p: dict) -> None:
+    if data.exists():
+        shutil.rmtree(data)
+    prepare_command(inputs=[world / "corpus.txt"], out=data, tokenizer="bpe", vocab_size=p["vocab_size"], seed=seed)
+    (run / "tokenizer").mkdir(exist_ok=True)
+    shutil.copy(data / "tokenizer.json", run / "tokenizer" / "tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A recipe of stages on the user's own files
+
+# The stages a recipe may name, in the order they run, and where each takes its inputs from by default:
+# the previous stage's folder in the same run.
+RECIPE_STAGES: dict[str, Callable] = {"prepare": prepare_command, "pretrain": pretrain_command, "sft": sft_command,
+                                      "rm": rm_command, "ppo": ppo_command, "dpo": dpo_command}
+
+
+def recipe_defaults(name: str, run: Path, done: list[str]) -> dict:
+    """Each stage writes RUN/<stage>; a model stage starts from the latest model stage before it (pretrain
+    or sft) and PPO scores with RUN/rm, unless the recipe says otherwise."""
+    defaults: dict = {"out": run / name}
+    models = [s for s in done if s in ("pretrain", "sft")]
+    if name == "pretrain" and "prepare" in done:
+        defaults["data"] = run / "prepare"
+    if name in ("sft", "rm", "ppo", "dpo") and models:
+        defaults["init"] = run / models[-1]
+    if name == "ppo" and "rm" in done:
+        defaults["reward"] = run / "rm"
+    if name != "prepare":
+        defaults["resume"] = (run / name).exists()
+    return defaults
+
+
+def run_stage(command: Callable, values: dict, source: str) -> None:
+    """One stage of a recipe: its arguments checked as a recipe file's, named by `source` in errors."""
+    cls = args_class(command)
+    if cls is not None:
+        command(build(cls, values, source))
+        return
+    try:  # a keyword command (prepare): unknown keys are the user's error, not a TypeError
+        inspect.signature(command).bind(**values)
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None
+    command(**values)
+
+
+def run_recipe(path: Path, out: Path, seed: int, device: str) -> None:
+    """Run the stages a recipe file names, in the order of RECIPE_STAGES, into one run folder:
+
+        # recipe.yaml                       (any stage's flags; paths relative to where you run)
+        out: runs/mine                      # optional; else --out
+        sft: {init: runs/base, data: [my_demos.jsonl], epochs: 3}
+        rm: {data: [my_rankings.jsonl]}     # init: RUN/sft, the stage before
+        ppo: {prompts: my_prompts.jsonl}    # init: RUN/sft, reward: RUN/rm
+        dpo: {data: [my_pairs.jsonl], beta: 0.1}
+
+    A stage's section is checked as its own --config file would be (unknown keys name the key and the file);
+    seed and device apply to every stage unless a section sets them. A finished stage (its done.json) is
+    kept, so a stopped recipe continues where it stopped."""
+    sections = read_recipe_file(path)
+    run = Path(sections.pop("out", out))
+    unknown = sorted(set(sections) - set(RECIPE_STAGES))
+    if unknown:
+        raise UserError(f"{path}: unknown stage(s) {', '.join(unknown)}; a recipe names some of "
+                        f"{', '.join(RECIPE_STAGES)} (and optionally out)")
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: section {name!r} must be a mapping of the stage's flags")
+    done: list[str] = []
+    for name, command in RECIPE_STAGES.items():
+        if name not in sections:
+            continue
+        print(f"[pipeline] {name} ...")
+        values = {**recipe_defaults(name, run, done), "seed": seed, **sections[name]}
+        if name != "prepare":
+            values.setdefault("device", device)
+        if name != "prepare" and values.get("resume") and (Path(values["out"]) / DONE).is_file():
+            print(f"[pipeline] {name}: done, kept")
+        else:
+            run_stage(command, values, f"{path} [{name}]")
+        done.append(name)
+    print(f"[pipeline] finished the recipe's stages into {run}")

@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,9 @@ from .losses import (
     value_loss,
 )
 from .model import GPT, ScalarModel, set_dropout
+from .recipe import to_dict, write_args
 from .tokenizer import Tokenizer
+from .train import TrainConfig
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -81,17 +83,17 @@ class PPOConfig:
     clip: float = 0.2  # policy ratio clip epsilon
     value_clip: float = 0.2  # how far a value may move from its rollout-time estimate before it is clipped
     ppo_epochs: int = 4  # passes over each rollout batch
-    minibatches: int = 4  # optimizer steps per pass (the batch size must be a multiple)
-    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss (the paper's gamma = 27.8)
+    minibatches: int = 4  # optimizer steps per pass (--batch-size must be a multiple)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss (the paper's gamma = 27.8); needs --ptx-data
     missing_end_penalty: float = 1.0  # subtracted from the score of a response that never ends
-    ema: float = 0.0  # EMA decay of the policy weights (0: no EMA), e.g. 0.99
+    ema: float = 0.0  # EMA decay of the policy weights (0: no EMA), e.g. 0.99; the exported policy is the EMA
     temperature: float = 1.0  # sampling temperature; log-probabilities are taken at the same temperature
 
     def validate(self) -> None:
         checks = [
             (self.beta >= 0, f"--beta must be >= 0, got {self.beta}"),
             (self.kl_target is None or self.kl_target > 0, f"--kl-target must be positive, got {self.kl_target}"),
-            (self.kl_horizon >= 1, f"the KL horizon must be at least 1, got {self.kl_horizon}"),
+            (self.kl_horizon >= 1, f"--kl-horizon must be at least 1, got {self.kl_horizon}"),
             (0 <= self.gamma <= 1, f"--gamma must be in [0, 1], got {self.gamma}"),
             (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
             (self.clip > 0, f"--clip must be positive, got {self.clip}"),
@@ -107,10 +109,6 @@ class PPOConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rewards, advantages and losses: small functions with the formulas
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,23 +275,24 @@ def rollout_metrics(exp: dict[str, torch.Tensor], ended: torch.Tensor, beta: flo
     return {"objective/kl_coef": beta, **means}
 
 
-# ----------------------------------------------------------------------------------------------------
 # The update
 
 
 def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimizer, opt_v: torch.optim.Optimizer,
                ro: Rollout, exp: dict[str, torch.Tensor], cfg: PPOConfig, runtime: Runtime,
                rng: np.random.Generator, lr: float, grad_clip: float = 1.0,
-               ptx: PretrainWindows | None = None) -> dict[str, float]:
+               ptx: PretrainWindows | None = None, grad_accum: int = 1) -> dict[str, float]:
     """5. cfg.ppo_epochs passes over the rollout batch in cfg.minibatches shuffled minibatches, one optimizer
-    step of the policy and of the value model per minibatch. Returns the mean of each statistic, and the
-    ratio and approximate KL of the very first minibatch (1 and 0: nothing has moved yet).
+    step of the policy and of the value model per minibatch, its gradients added up over grad_accum
+    micro-batches (the same step in less memory). Returns the mean of each statistic, and the ratio and
+    approximate KL of the very first minibatch (1 and 0: nothing has moved yet).
 
     Under torchrun (the models wrapped by `prepare_model`) a minibatch is every rank's share of its own
     shuffled rollouts; its losses and statistics are means over the tokens of every rank."""
-    B = ro.ids.size(0)
-    if B % cfg.minibatches:
-        raise UserError(f"the batch of {B} rollouts does not split into {cfg.minibatches} equal minibatches")
+    B, W = ro.ids.size(0), runtime.world_size
+    if B % (cfg.minibatches * grad_accum):
+        raise UserError(f"the batch of {B} rollouts does not split into {cfg.minibatches} equal minibatches of "
+                        f"{grad_accum} equal micro-batches")
     mb = B // cfg.minibatches
     for opt in (opt_p, opt_v):
         for group in opt.param_groups:
@@ -306,33 +305,39 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
         order = torch.from_numpy(rng.permutation(B)).to(ro.ids.device)
         for s in range(0, B, mb):
             idx = order[s:s + mb]
-            ids, amask, mask = ro.ids[idx], ro.attention_mask[idx], exp["mask"][idx]
-            n = all_reduce(mask.sum(), runtime).clamp(min=1)  # the minibatch's response tokens on every rank
-            with runtime.autocast():
-                logp = response_logprobs(policy, ids, amask, ro.prompt_len, cfg.temperature)
-                values = response_values(value_model, ids, amask, ro.prompt_len)
-            pl, pstats = policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], mask, cfg.clip, n)
-            vl, vstats = value_loss(values, exp["old_values"][idx], exp["returns"][idx], mask, cfg.value_clip, n)
-            loss = pl + vl
+            n = all_reduce(exp["mask"][idx].sum(), runtime).clamp(min=1)  # the minibatch's response tokens, all ranks
             if ptx is not None:  # this rank's rows of the windows drawn for the whole minibatch
-                w = rank_rows(ptx.batch(mb * runtime.world_size), runtime)
-                w = {k: v.to(ro.ids.device) for k, v in w.items()}
-                with runtime.autocast():
-                    logits = policy(w["ids"])
-                ptx_loss = token_cross_entropy(logits, w["labels"]) / (w["labels"].numel() * runtime.world_size)
-                loss = loss + cfg.ptx_coef * ptx_loss
-                pstats["loss/ptx"] = float(ptx_loss.detach())
-            ratio_maxdev = pstats.pop("policy/ratio_maxdev")
-            row = all_reduce_sums({**pstats, **vstats, "loss/policy": float(pl.detach()),
-                                         "loss/value": float(vl.detach())}, runtime)
-            total = row["loss/policy"] + row["loss/value"] + cfg.ptx_coef * row.get("loss/ptx", 0.0)
-            if not math.isfinite(total):  # the same sums on every rank: all of them stop here
-                raise train.DivergedError(f"PPO loss is {total} (policy {row['loss/policy']}, "
-                                          f"value {row['loss/value']}); try a lower --lr or a higher --beta")
+                w = {k: v.to(ro.ids.device) for k, v in rank_rows(ptx.batch(mb * W), runtime).items()}
             opt_p.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
-            # each rank's loss is its share of the minibatch's mean; DDP and FSDP average gradients over ranks
-            (loss * runtime.world_size).backward()
+            row: dict[str, float] = {}
+            for part in (slice(j * mb // grad_accum, (j + 1) * mb // grad_accum) for j in range(grad_accum)):
+                i = idx[part]
+                ids, amask, mask = ro.ids[i], ro.attention_mask[i], exp["mask"][i]
+                with runtime.autocast():
+                    logp = response_logprobs(policy, ids, amask, ro.prompt_len, cfg.temperature)
+                    values = response_values(value_model, ids, amask, ro.prompt_len)
+                pl, pstats = policy_loss(logp, exp["old_logp"][i], exp["advantages"][i], mask, cfg.clip, n)
+                vl, vstats = value_loss(values, exp["old_values"][i], exp["returns"][i], mask, cfg.value_clip, n)
+                loss = pl + vl
+                if ptx is not None:
+                    with runtime.autocast():
+                        logits = policy(w["ids"][part])
+                    ptx_loss = token_cross_entropy(logits, w["labels"][part]) / (w["labels"].numel() * W)
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    pstats["loss/ptx"] = float(ptx_loss.detach())
+                # each rank's loss is its share of the minibatch's mean; DDP and FSDP average gradients over
+                # ranks (at every micro-batch: they add up in .grad all the same)
+                (loss * W).backward()
+                part_stats = {**pstats, **vstats, "loss/policy": float(pl.detach()), "loss/value": float(vl.detach())}
+                for k, v in part_stats.items():  # shares of the means add up; the ratio's deviation is the max
+                    row[k] = v if k not in row else max(row[k], v) if k == "policy/ratio_maxdev" else row[k] + v
+            ratio_maxdev = row.pop("policy/ratio_maxdev")
+            row = all_reduce_sums(row, runtime)
+            total = row["loss/policy"] + row["loss/value"] + cfg.ptx_coef * row.get("loss/ptx", 0.0)
+            if not math.isfinite(total):  # the same sums on every rank: all of them stop here, before any step
+                raise train.DivergedError(f"PPO loss is {total} (policy {row['loss/policy']}, "
+                                          f"value {row['loss/value']}); try a lower --lr or a higher --beta")
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
@@ -355,6 +360,59 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The stage
+
+# PPO's defaults of the shared training settings; --max-steps and --warmup-steps count rollout batches
+TRAIN_DEFAULTS = dict(batch_size=64, lr=1e-5, warmup_steps=5, max_steps=100, weight_decay=0.0, compile=False,
+                      log_interval=1, checkpoint_interval=20)
+
+
+@dataclass
+class PPOArgs:
+    """`ppo_command`'s arguments: inputs and outputs, the RL hyperparameters, the training settings."""
+
+    init: Path  # the SFT checkpoint: the initial policy and the frozen reference
+    prompts: Path  # prompt file (any format the readers accept)
+    out: Path  # stage folder to write
+    reward: Path | None = None  # the reward-model checkpoint (frozen); also the value model's initialisation
+    # instead of --reward: module:function or file.py:function, (last user messages, responses) -> one float each
+    reward_fn: str | None = None
+    # value-model initialisation; None: the reward model (as in the paper), with --reward-fn the policy + new head
+    value_init: Path | None = None
+    max_new_tokens: int = 48  # longest response; one cut off here loses --missing-end-penalty
+    ptx_data: Path | None = None  # PPO-ptx: a folder written by `instructgpt prepare` (the pretraining data)
+    sample_interval: int = 10  # append a few samples to OUT/samples.jsonl every this many steps (0: never)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**TRAIN_DEFAULTS))
+
+
+def check_args(args: PPOArgs) -> TrainConfig:
+    """Every user error found before anything is written. Returns the training settings resolved: None means
+    PPO's default max_steps or warmup_steps, min_lr = lr (constant after warm-up), a checkpoint at the end only."""
+    t, cfg = args.train, args.ppo
+    check_out(args.out, t.resume, "PPO")
+    if (args.reward is None) == (args.reward_fn is None):
+        raise UserError("give exactly one of --reward (a reward-model folder) and --reward-fn (module:function)")
+    if cfg.ptx_coef > 0 and args.ptx_data is None:
+        raise UserError("--ptx-coef needs --ptx-data (a folder written by `instructgpt prepare`)")
+    if args.ptx_data is not None and cfg.ptx_coef <= 0:
+        raise UserError("--ptx-data is used only by PPO-ptx: give --ptx-coef too (the paper used 27.8)")
+    if t.compile:
+        raise UserError("PPO does not compile its models yet: drop --compile")
+    if t.eval_interval is not None:
+        raise UserError("PPO has no evaluation: drop --eval-interval (metrics are logged every --log-interval steps)")
+    cfg.validate()
+    t.validate()
+    steps = TRAIN_DEFAULTS["max_steps"] if t.max_steps is None else t.max_steps
+    t = replace(t, max_steps=steps, compile=False,
+                warmup_steps=TRAIN_DEFAULTS["warmup_steps"] if t.warmup_steps is None else t.warmup_steps,
+                min_lr=t.lr if t.min_lr is None else t.min_lr,
+                checkpoint_interval=steps if t.checkpoint_interval is None else t.checkpoint_interval)
+    if t.batch_size % (cfg.minibatches * t.grad_accum):
+        times = f" x --grad-accum {t.grad_accum}" if t.grad_accum > 1 else ""
+        raise UserError(f"--batch-size {t.batch_size} must be a multiple of --minibatches {cfg.minibatches}{times}")
+    if read_config(args.init)["kind"] != "gpt":
+        raise UserError(f"{args.init}: PPO needs a decoder-only language model as the policy")
+    return t
 
 
 def _no_dropout(model: nn.Module) -> nn.Module:
@@ -382,216 +440,160 @@ def encode_prompts(tok: Tokenizer, prompts: list, block_size: int, max_new_token
     return kept, ids
 
 
-def ppo_command(
-    policy: Path,
-    prompts: Path,
-    out: Path,
-    reward: Path | None = None,
-    reward_fn: str | None = None,
-    value_init: Path | None = None,
-    batch_size: int = 64,
-    max_steps: int = 100,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    lr: float = 1e-5,
-    warmup_steps: int = 5,
-    grad_clip: float = 1.0,
-    beta: float = 0.02,
-    kl_target: float | None = None,
-    ppo_epochs: int = 4,
-    minibatches: int = 4,
-    clip: float = 0.2,
-    value_clip: float = 0.2,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    ptx_coef: float = 0.0,
-    ptx_data: Path | None = None,
-    missing_end_penalty: float = 1.0,
-    ema: float = 0.0,
-    sample_interval: int = 10,
-    checkpoint_interval: int = 20,
-    log_interval: int = 1,
-    seed: int = 1337,
-    device: str = "auto",
-    dtype: str = "auto",
-    fsdp: bool = False,
-    resume: bool = False,
-) -> None:
-    """PPO (and PPO-ptx with --ptx-coef and --ptx-data) against a reward model or a custom reward.
+@dataclass
+class Run:
+    """What the loop needs: models, optimizers, reward, prompts, and every generator whose state a resumed
+    run must find again."""
 
-    Args:
-        policy: the SFT checkpoint: the initial policy and the frozen reference.
-        prompts: prompt file (any format the readers accept).
-        out: stage folder to write.
-        reward: the reward-model checkpoint (frozen); also the value model's initialisation.
-        reward_fn: instead of a reward model, `module:function` or `file.py:function` mapping (prompts,
-            responses), two lists of strings (the last user message, the decoded response), to one float each.
-        value_init: value-model initialisation (default: the reward model, as in the paper; with
-            --reward-fn, the policy with a fresh scalar head).
-        batch_size: prompts per rollout batch and process (one response each); a multiple of minibatches.
-        max_steps: rollout batches (each followed by ppo_epochs x minibatches optimizer steps).
-        max_new_tokens: longest response; one cut off here gets missing_end_penalty.
-        temperature: sampling temperature of the rollouts (log-probabilities are taken at the same one).
-        lr: learning rate of the policy and the value model (constant after warm-up).
-        warmup_steps: rollout batches of linear learning-rate warm-up.
-        grad_clip: clip each model's gradient norm to this (0: off).
-        beta: KL penalty coefficient (the paper's 0.02); the starting value with kl_target.
-        kl_target: turns on the adaptive KL controller (Ziegler et al. 2019), which moves beta toward this KL.
-        ppo_epochs: passes over each rollout batch.
-        minibatches: optimizer steps per pass.
-        clip: policy ratio clip epsilon.
-        value_clip: value clip epsilon.
-        gamma: discount of GAE.
-        lam: lambda of GAE.
-        ptx_coef: PPO-ptx pretraining-loss coefficient (the paper used 27.8); needs ptx_data.
-        ptx_data: a folder written by `instructgpt prepare` (the pretraining distribution).
-        missing_end_penalty: subtracted from the score of a response that hits max_new_tokens unfinished.
-        ema: EMA decay of the policy weights; the exported policy is the EMA when > 0.
-        sample_interval: append a few sample completions to OUT/samples.jsonl every this many steps (0: never).
-        checkpoint_interval: save a resumable checkpoint every this many steps (and at the end).
-        log_interval: write a metrics row every this many steps.
-        seed: seeds sampling, prompt order, minibatch order and pretraining windows.
-        device: auto, cpu, cuda, cuda:N.
-        dtype: auto, float32 or bfloat16 (autocast; log-probabilities in fp32).
-        fsdp: under torchrun, shard the models (and the trained ones' gradients and optimizer states) over the
-            ranks (FSDP2) instead of replicating them (DDP).
-        resume: continue from the latest checkpoint in OUT.
-    """
-    t0 = time.time()
-    policy_dir, out = Path(policy), Path(out)
-    check_out(out, resume, "PPO")
-    if (reward is None) == (reward_fn is None):
-        raise UserError("give exactly one of --reward (a reward-model folder) and --reward-fn (module:function)")
-    if ptx_coef > 0 and ptx_data is None:
-        raise UserError("--ptx-coef needs --ptx-data (a folder written by `instructgpt prepare`)")
-    if ptx_data is not None and ptx_coef <= 0:
-        raise UserError("--ptx-data is used only by PPO-ptx: give --ptx-coef too (the paper used 27.8)")
-    if batch_size % minibatches:
-        raise UserError(f"--batch-size {batch_size} must be a multiple of --minibatches {minibatches}")
-    if read_config(policy_dir)["kind"] != "gpt":
-        raise UserError(f"{policy_dir}: PPO needs a decoder-only language model as the policy")
-    cfg = PPOConfig(beta=beta, kl_target=kl_target, gamma=gamma, lam=lam, clip=clip, value_clip=value_clip,
-                    ppo_epochs=ppo_epochs, minibatches=minibatches, ptx_coef=ptx_coef,
-                    missing_end_penalty=missing_end_penalty, ema=ema, temperature=temperature)
-    cfg.validate()
-    tcfg = train.TrainConfig(batch_size=batch_size, lr=lr, min_lr=lr, warmup_steps=warmup_steps,
-                             max_steps=max_steps, weight_decay=0.0, grad_clip=grad_clip, seed=seed, device=device,
-                             dtype=dtype, compile=False, log_interval=log_interval,
-                             checkpoint_interval=checkpoint_interval, fsdp=fsdp)
-    fn = load_reward_fn(reward_fn) if reward_fn else None
-    runtime = train.setup(tcfg)
-    dev = runtime.device
-    tok = Tokenizer.load(policy_dir / "tokenizer.json")
+    runtime: Runtime
+    tok: Tokenizer
+    models: dict[str, nn.Module]  # the trained ones, as checkpoints hold them: policy, value (and ema)
+    optimizers: dict[str, torch.optim.Optimizer]  # policy, value
+    fwd: tuple[nn.Module, nn.Module]  # the policy and the value model as the update calls them (DDP or FSDP)
+    ref: GPT
+    rm: ScalarModel | None
+    reward_fn: tuple[str, RewardFn] | None
+    ptx: PretrainWindows | None
+    kl_ctl: AdaptiveKL
+    items: list  # the prompts that fit, and their ids
+    prompt_ids: list[list[int]]
+    sampler: EpochSampler  # prompt order
+    rng: np.random.Generator  # minibatch order
+    generator: torch.Generator  # sampling noise of the global batch (every rank)
+    ckpt: Checkpointer
+    step: int = 0
 
-    # Models: policy and reference from SFT; reward frozen; value from the reward model.
-    pol = _no_dropout(load_model(policy_dir, kind="gpt", device=dev))
-    ref = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
+
+def set_up(args: PPOArgs, t: TrainConfig) -> Run:
+    """The runtime; policy and reference from SFT, the reward model frozen, the value model from the reward
+    model; the prompts; every generator, restored from OUT's latest checkpoint with --resume."""
+    fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    runtime = train.setup(t)
+    dev, init, reward = runtime.device, args.init, args.reward
+    tok = Tokenizer.load(init / "tokenizer.json")
+    pol = _no_dropout(load_model(init, kind="gpt", device=dev))
+    ref = _no_dropout(load_model(init, kind="gpt", device=dev)).eval().requires_grad_(False)
     rm = _no_dropout(load_model(reward, kind="scalar", device=dev)).eval().requires_grad_(False) if reward else None
-    value_model = _no_dropout(load_model(value_init or reward or policy_dir, kind="scalar", device=dev))
+    value_model = _no_dropout(load_model(args.value_init or reward or init, kind="scalar", device=dev))
     for name, m in (("reward model", rm), ("value model", value_model)):
         if m is not None and m.config.vocab_size != pol.config.vocab_size:
             raise UserError(f"the {name} has a vocabulary of {m.config.vocab_size} tokens, the policy "
                             f"{pol.config.vocab_size}: they must share the policy's tokenizer")
-    ema_model = None
-    if ema > 0:
-        ema_model = _no_dropout(load_model(policy_dir, kind="gpt", device=dev)).eval().requires_grad_(False)
+    models = {"policy": pol, "value": value_model}
+    if args.ppo.ema > 0:
+        models["ema"] = _no_dropout(load_model(init, kind="gpt", device=dev)).eval().requires_grad_(False)
     # DDP or FSDP wrappers for the update; rollouts, scoring and checkpoints use the models themselves
     # (sharded in place by FSDP, together with the frozen ones, whose forwards every rank runs in step)
-    fwd_p, fwd_v = prepare_model(pol, runtime), prepare_model(value_model, runtime)
-    if runtime.fsdp:
-        for m in (ref, rm, ema_model):
-            if m is not None:
-                shard_model(m, runtime)
-    opt_p = train.make_optimizer(pol, tcfg, runtime)
-    opt_v = train.make_optimizer(value_model, tcfg, runtime)
-    kl_ctl = AdaptiveKL(beta, kl_target, cfg.kl_horizon)
+    fwd = (prepare_model(pol, runtime), prepare_model(value_model, runtime))
+    for m in (m for m in (ref, rm, models.get("ema")) if m is not None and runtime.fsdp):
+        shard_model(m, runtime)
+    optimizers = {"policy": train.make_optimizer(pol, t, runtime),
+                  "value": train.make_optimizer(value_model, t, runtime)}
     ptx = None
-    if ptx_coef > 0:
-        ptx = PretrainWindows(Path(ptx_data), pol.config.block_size // 2, seed)
-        ptx_vocab = json.loads((Path(ptx_data) / "meta.json").read_text()).get("vocab_size")
+    if args.ppo.ptx_coef > 0:
+        ptx = PretrainWindows(args.ptx_data, pol.config.block_size // 2, t.seed)
+        ptx_vocab = json.loads((args.ptx_data / "meta.json").read_text()).get("vocab_size")
         if ptx_vocab != tok.vocab_size:
-            raise UserError(f"{ptx_data} was tokenized with a vocabulary of {ptx_vocab} tokens, the policy's "
+            raise UserError(f"{args.ptx_data} was tokenized with a vocabulary of {ptx_vocab} tokens, the policy's "
                             f"tokenizer has {tok.vocab_size}: prepare it with the policy's tokenizer")
-
-    # Prompts, and every generator whose state a resumed run must find again.
-    raw_prompts = list(read_prompts(prompts))
+    raw_prompts = list(read_prompts(args.prompts))
     if not raw_prompts:
-        raise UserError(f"{prompts}: no prompts")
-    items, prompt_ids = encode_prompts(tok, raw_prompts, pol.config.block_size, max_new_tokens)
-    sampler = EpochSampler(len(items), seed)
-    rng = np.random.default_rng([seed, 3])  # minibatch order
-    generator = torch.Generator(device=dev).manual_seed(seed)  # sampling noise of the global batch (every rank)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-
-    ckpt = Checkpointer(out, keep_last=2)
-    step = 0
-    models = {"policy": pol, "value": value_model} | ({"ema": ema_model} if ema_model is not None else {})
-    optimizers = {"policy": opt_p, "value": opt_v}
-    if resume and (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, models, optimizers)
-        step = state["step"]
-        sampler.restore(state["sampler"])
-        kl_ctl.restore(state["kl"])
-        rng.bit_generator.state = state["rng"]
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        raise UserError(f"{args.prompts}: no prompts")
+    items, prompt_ids = encode_prompts(tok, raw_prompts, pol.config.block_size, args.max_new_tokens)
+    run = Run(runtime, tok, models, optimizers, fwd, ref, rm, fn, ptx,
+              AdaptiveKL(args.ppo.beta, args.ppo.kl_target, args.ppo.kl_horizon), items, prompt_ids,
+              EpochSampler(len(items), t.seed), np.random.default_rng([t.seed, 3]),
+              torch.Generator(device=dev).manual_seed(t.seed), Checkpointer(args.out, keep_last=t.keep_last))
+    if t.resume and (latest := run.ckpt.latest()) is not None:
+        state = run.ckpt.load(latest, models, optimizers)
+        run.step = state["step"]
+        run.sampler.restore(state["sampler"])
+        run.kl_ctl.restore(state["kl"])
+        run.rng.bit_generator.state = state["rng"]
+        run.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if ptx:
             ptx.restore(state["ptx"])
-    out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
-    samples_path = out / "samples.jsonl"
-    stage = "ppo-ptx" if ptx else "ppo"
+    return run
 
-    def save(step: int) -> None:
-        state = {"step": step, "sampler": sampler.state(), "kl": kl_ctl.state(), "rng": rng.bit_generator.state,
-                 "generator": generator.get_state().tolist()}
-        if ptx:
-            state["ptx"] = ptx.state()
-        ckpt.save(step, models, optimizers, state)
 
-    progress = train.Progress(max_steps, stage, start=step)
-    W = runtime.world_size
-    while step < max_steps:
-        step_t0 = time.time()
-        # 1. rollout: every rank its slice of the global batch of prompts
-        idx = rank_rows(sampler.take(batch_size * W), runtime)
-        ro = rollout(pol, [prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, generator, runtime)
-        texts = [tok.decode(r) for r in ro.response_lists()]
-        t_gen = time.time() - step_t0
-        # 2. score: old and reference log-probabilities, values, and the reward of each response
-        scored = score_rollout(ro, pol, ref, value_model, rm, runtime, cfg.temperature)
-        if fn is not None:
-            prompt_texts = [items[i].messages[-1]["content"] for i in idx]
-            scored["scores"] = custom_scores(fn[1], fn[0], prompt_texts, texts).to(dev)
-        # 3-4. rewards with the KL penalty, advantages
-        exp = make_experience(ro, scored, cfg, kl_ctl.beta, runtime)
-        t_score = time.time() - step_t0 - t_gen
-        # 5. update
-        upd = ppo_update(fwd_p, fwd_v, opt_p, opt_v, ro, exp, cfg, runtime, rng, train.lr_at(step, tcfg),
-                         grad_clip, ptx)
-        if ema_model is not None:
-            ema_update(ema_model, pol, cfg.ema)
-        step += 1
-        row = {"step": step, "episode": step * batch_size * W, "lr": train.lr_at(step - 1, tcfg),
-               **rollout_metrics(exp, ro.ended, kl_ctl.beta, runtime), **upd,
-               "time/generate": t_gen, "time/score": t_score, "time/step": time.time() - step_t0}
-        kl_ctl.update(row["objective/kl"], batch_size * W)
-        if step % log_interval == 0:
+def ppo_step(run: Run, args: PPOArgs, t: TrainConfig) -> tuple[dict, list[dict]]:
+    """One rollout batch through steps 1-5 (the module docstring), then the EMA and the KL controller.
+    Returns the metrics row and the batch's first samples."""
+    rt, tok, W = run.runtime, run.tok, run.runtime.world_size
+    pol, value_model = run.models["policy"], run.models["value"]
+    step_t0 = time.time()
+    # 1. rollout: every rank its slice of the global batch of prompts
+    idx = rank_rows(run.sampler.take(t.batch_size * W), rt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.ppo.temperature)
+    ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, run.generator, rt)
+    texts = [tok.decode(r) for r in ro.response_lists()]
+    prompts = [run.items[i].messages[-1]["content"] for i in idx]
+    t_gen = time.time() - step_t0
+    # 2. score: old and reference log-probabilities, values, and the reward of each response
+    scored = score_rollout(ro, pol, run.ref, value_model, run.rm, rt, args.ppo.temperature)
+    if run.reward_fn is not None:
+        scored["scores"] = custom_scores(run.reward_fn[1], run.reward_fn[0], prompts, texts).to(rt.device)
+    # 3-4. rewards with the KL penalty, advantages
+    exp = make_experience(ro, scored, args.ppo, run.kl_ctl.beta, rt)
+    t_score = time.time() - step_t0 - t_gen
+    # 5. update
+    upd = ppo_update(*run.fwd, run.optimizers["policy"], run.optimizers["value"], ro, exp, args.ppo, rt, run.rng,
+                     train.lr_at(run.step, t), t.grad_clip, run.ptx, t.grad_accum)
+    if "ema" in run.models:
+        ema_update(run.models["ema"], pol, args.ppo.ema)
+    run.step += 1
+    row = {"step": run.step, "episode": run.step * t.batch_size * W, "lr": train.lr_at(run.step - 1, t),
+           **rollout_metrics(exp, ro.ended, run.kl_ctl.beta, rt), **upd,
+           "time/generate": t_gen, "time/score": t_score, "time/step": time.time() - step_t0}
+    run.kl_ctl.update(row["objective/kl"], t.batch_size * W)
+    samples = [{"step": run.step, "prompt": prompts[j], "response": texts[j], "score": float(scored["scores"][j]),
+                "ended": bool(ro.ended[j])} for j in range(min(4, len(idx)))]
+    return row, samples
+
+
+def train_loop(run: Run, args: PPOArgs, t: TrainConfig, log: train.MetricsLog, stage: str) -> None:
+    """Rollout batches from run.step to --max-steps: a metrics row every --log-interval steps, samples every
+    --sample-interval, a resumable checkpoint every --checkpoint-interval and at the end."""
+    progress = train.Progress(t.max_steps, stage, start=run.step)
+    while run.step < t.max_steps:
+        row, samples = ppo_step(run, args, t)
+        if (step := run.step) % t.log_interval == 0:
             log.write(row)
-        if runtime.is_main and sample_interval and step % sample_interval == 0:
-            with samples_path.open("a") as f:
-                for j in range(min(4, len(idx))):
-                    f.write(json.dumps({"step": step, "prompt": items[idx[j]].messages[-1]["content"],
-                                        "response": texts[j], "score": float(scored["scores"][j]),
-                                        "ended": bool(ro.ended[j])}) + "\n")
-        if step % checkpoint_interval == 0 or step == max_steps:
-            save(step)
+        if run.runtime.is_main and args.sample_interval and step % args.sample_interval == 0:
+            with (args.out / "samples.jsonl").open("a") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+        if step % t.checkpoint_interval == 0 or step == t.max_steps:
+            state = {"step": step, "sampler": run.sampler.state(), "kl": run.kl_ctl.state(),
+                     "rng": run.rng.bit_generator.state, "generator": run.generator.get_state().tolist()}
+            run.ckpt.save(step, run.models, run.optimizers, state | ({"ptx": run.ptx.state()} if run.ptx else {}))
         progress.update(step, {"score": row["objective/scores"], "kl": row["objective/kl"]})
     progress.close()
 
-    final = ema_model if ema_model is not None else pol
-    ckpt.export(final, extra={"stage": stage})
-    if not runtime.is_main:
-        return
-    summary = {"stage": stage, "steps": step, "seconds": time.time() - t0}
-    write_done(out, summary, tokenizer_from=policy_dir)
-    print(json.dumps(summary))
+
+def ppo_command(args: PPOArgs) -> dict:
+    """PPO (and PPO-ptx with --ptx-coef and --ptx-data) against a reward model or a custom reward.
+
+    A step samples a response to each of --batch-size prompts per process, then takes --ppo-epochs x --minibatches
+    optimizer steps (each minibatch in --grad-accum micro-batches); --max-steps and --warmup-steps count these
+    steps. The learning rate is constant after warm-up unless --min-lr is given (a cosine down to it)."""
+    t0 = time.time()
+    # 1. every flag checked before anything is written
+    t = check_args(args)
+    # 2. models, reward, prompts and generators (from OUT's latest checkpoint with --resume)
+    run = set_up(args, t)
+    stage = "ppo-ptx" if run.ptx else "ppo"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if run.runtime.is_main:
+        write_args(args.out, args)
+    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=run.step, enabled=run.runtime.is_main,
+                           report_to=t.report_to, stage=stage, config=to_dict(args))
+    # 3. rollout batches up to --max-steps
+    train_loop(run, args, t, log, stage)
+    log.close()
+    # 4. export the policy (its EMA with --ema); done.json last
+    run.ckpt.export(run.models.get("ema", run.models["policy"]), extra={"stage": stage})
+    summary = {"stage": stage, "steps": run.step, "seconds": time.time() - t0}
+    if run.runtime.is_main:
+        write_done(args.out, summary, tokenizer_from=args.init)
+        print(json.dumps(summary))
+    return summary

@@ -5,6 +5,7 @@ Reads top to bottom: check the inputs, set up, (resume,) train, export.
     DATA/meta.json, train_*.bin, val_*.bin, tokenizer.json   (from `instructgpt prepare`)
       -> OUT/model.safetensors, config.json, tokenizer.json  the pretrained model (the next stage's --init)
          OUT/samples.txt                                     a few generations from it
+         OUT/args.json                                       the resolved arguments (a recipe: --config)
          OUT/metrics.jsonl                                   train loss, val loss, lr, tokens/s, ...
          OUT/checkpoints/step_NNNNNNN/                       resumable state (weights, optimizer, RNG, data)
          OUT/done.json                                       written last: the stage completed
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,12 +37,13 @@ import torch
 import torch.nn as nn
 
 from .batching import WindowSampler, prefix_lm_batch
-from .checkpoint import DONE, Checkpointer, check_out, load_model, write_done
+from .checkpoint import DONE, Checkpointer, check_out, load_model, read_done, write_done
 from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
 from .losses import seq2seq_loss_sum, token_cross_entropy
 from .model import PRESETS, ModelConfig, build_model
 from .prepare import load_shards, read_meta
+from .recipe import to_dict, write_args
 from .train import (
     MetricsLog,
     Progress,
@@ -215,6 +217,116 @@ def write_samples(model: nn.Module, data: Path, out: Path, n: int, seed: int) ->
 
 
 @dataclass
+class PretrainArgs:
+    """The arguments of `instructgpt pretrain`: the data, the model's shape and the training recipe."""
+
+    data: Path  # a folder written by `instructgpt prepare` (meta.json, train_*.bin, val_*.bin, tokenizer.json)
+    out: Path  # the stage folder to write
+    preset: str | None = None  # model shape: tiny, small or gpt2-124m; --n-layer/--n-head/--n-embd override it
+    n_layer: int | None = None  # decoder blocks (None: the preset's, else 4)
+    n_head: int | None = None  # attention heads (None: the preset's, else 4)
+    n_embd: int | None = None  # residual width (None: the preset's, else 128)
+    block_size: int | None = None  # tokens per training window; without a preset also the model's context (256)
+    dropout: float = 0.0  # residual and embedding dropout
+    # gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)
+    family: Literal["gpt2", "llama"] = "gpt2"
+    # "gpt" (decoder-only, next-token prediction) or "seq2seq" (encoder-decoder, prefix LM: the encoder reads
+    # a random-length prefix of a 2 x block_size window, the decoder predicts the next block_size tokens)
+    arch: Literal["gpt", "seq2seq"] = "gpt"
+    n_encoder_layer: int | None = None  # seq2seq only: encoder blocks (None: as many as the decoder's n_layer)
+    eval_iters: int = 20  # validation batches per evaluation
+    samples: int = 3  # generations written to OUT/samples.txt at the end (0 for none)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=16, grad_accum=1, lr=1e-3, min_lr=None, warmup_steps=100, max_steps=2000, weight_decay=0.1,
+        beta1=0.9, beta2=0.99, grad_clip=1.0, seed=1337, eval_interval=250, log_interval=10,
+        checkpoint_interval=500, keep_last=2))
+
+
+def pretrain_command(args: PretrainArgs) -> dict:
+    """Pretrain a language model by next-token prediction on prepared token shards.
+
+    Writes OUT/args.json, model.safetensors, config.json, tokenizer.json, samples.txt, metrics.jsonl,
+    checkpoints/ and, last, done.json, whose summary it returns. With --resume, continues from the latest
+    checkpoint in OUT exactly as if the run had not stopped (or starts fresh when there is none).
+    """
+    clock = _Clock(0.0, time.perf_counter())
+
+    # 1. check everything a user can get wrong before training starts
+    args = resolved(args)
+    inputs = check_args(args)
+
+    # 2. set up: runtime, model, optimizer, and the state of a resumed run
+    run = set_up(args, inputs, clock)
+    if not restore(run, args, inputs):
+        return read_done(args.out)  # a finished run: nothing to do
+    log = start(run, args, inputs)
+
+    # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
+    train_loop(run, log, args, inputs)
+
+    # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
+    summary = finish(run, args)
+    log.close()
+    return summary
+
+
+# 1. checking
+
+
+def resolved(args: PretrainArgs) -> PretrainArgs:
+    """`args` with Paths for the folders, and this stage's default for a shared setting a recipe left None
+    (max_steps, warmup_steps, eval_interval, checkpoint_interval)."""
+    default = PretrainArgs(args.data, args.out).train
+    unset = ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval")
+    train = replace(args.train, **{k: getattr(default, k) for k in unset if getattr(args.train, k) is None})
+    return replace(args, data=Path(args.data), out=Path(args.out), train=train)
+
+
+@dataclass
+class _Inputs:
+    """What the checks found: the model to build, the objective and the data."""
+
+    model_cfg: ModelConfig
+    T: int  # tokens per training window (the decoder's, for seq2seq)
+    objective: Objective
+    train_data: WindowSampler
+    val_data: WindowSampler
+
+
+def check_args(args: PretrainArgs) -> _Inputs:
+    """Every user error (flags, data folder, model shape, --out) as a UserError, before anything is written."""
+    data, cfg = args.data, args.train
+    if args.arch not in ("gpt", "seq2seq"):
+        raise UserError(f"--arch {args.arch!r}: choose 'gpt' (decoder-only) or 'seq2seq' (encoder-decoder)")
+    if args.n_encoder_layer is not None and (args.arch != "seq2seq" or args.n_encoder_layer < 1):
+        raise UserError("--n-encoder-layer is for --arch seq2seq and must be at least 1")
+    if args.eval_iters < 1:
+        raise UserError(f"--eval-iters must be at least 1, got {args.eval_iters}")
+    if args.samples < 0:
+        raise UserError(f"--samples must be >= 0, got {args.samples}")
+    cfg.validate()
+    read_meta(data)
+
+    meta, train_shards, val_shards = load_shards(data)
+    model_cfg, T = model_config(args.preset, int(meta["vocab_size"]), args.n_layer, args.n_head, args.n_embd,
+                                args.block_size, args.dropout, args.family, args.arch, args.n_encoder_layer)
+    start_id, pad_id = special_ids(data, meta)
+    objective = make_objective(args.arch, T, start_id, pad_id)
+    train_data = WindowSampler(train_shards, objective.window)
+    if train_data.n_windows == 0:
+        longest = max((len(s) for s in train_shards), default=0)
+        what = "block_size + 1" if args.arch == "gpt" else "2 x block_size (prefix + continuation)"
+        raise UserError(f"{data}: the longest train shard holds {longest} tokens, fewer than one window of "
+                        f"{what} = {objective.window}; lower --block-size or prepare more data")
+    val_data = WindowSampler(val_shards, objective.window)
+    check_out(args.out, cfg.resume, "pretraining")
+    return _Inputs(model_cfg, T, objective, train_data, val_data)
+
+
+# 2. setting up
+
+
+@dataclass
 class _Clock:
     """Seconds spent by this and earlier (resumed) processes."""
 
@@ -225,177 +337,116 @@ class _Clock:
         return self.before + time.perf_counter() - self.start
 
 
-def pretrain_command(
-    data: Path,
-    out: Path,
-    preset: str | None = None,
-    n_layer: int | None = None,
-    n_head: int | None = None,
-    n_embd: int | None = None,
-    block_size: int | None = None,
-    dropout: float = 0.0,
-    family: Literal["gpt2", "llama"] = "gpt2",
-    arch: Literal["gpt", "seq2seq"] = "gpt",
-    n_encoder_layer: int | None = None,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    lr: float = 1e-3,
-    min_lr: float | None = None,
-    warmup_steps: int = 100,
-    max_steps: int = 2000,
-    weight_decay: float = 0.1,
-    beta2: float = 0.99,
-    grad_clip: float = 1.0,
-    eval_interval: int = 250,
-    eval_iters: int = 20,
-    log_interval: int = 10,
-    checkpoint_interval: int = 500,
-    keep_last: int = 2,
-    seed: int = 1337,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool | None = None,
-    fsdp: bool = False,
-    resume: bool = False,
-    samples: int = 3,
-) -> None:
-    """Pretrain a language model by next-token prediction on prepared token shards.
+@dataclass
+class _Run:
+    """What the loop needs: the runtime, the model (`raw`, and `model` wrapped for DDP or FSDP), the
+    optimizer, the checkpointer, the data generator and the state a checkpoint saves."""
 
-    Writes OUT/model.safetensors, config.json, tokenizer.json, samples.txt, metrics.jsonl, checkpoints/
-    and, last, done.json. With --resume, continues from the latest checkpoint in OUT exactly as if the run
-    had not stopped (or starts fresh when there is none).
+    runtime: Runtime
+    raw: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ckpt: Checkpointer
+    run_config: dict  # the checkpoints' config.json beside the model's shape
+    data_rng: np.random.Generator
+    state: dict  # step, tokens, seconds, train_loss, val_loss
+    clock: _Clock
 
-    Args:
-        data: a folder written by `instructgpt prepare` (meta.json, train_*.bin, val_*.bin, tokenizer.json).
-        out: the stage folder to write.
-        preset: model shape: tiny, small or gpt2-124m; --n-layer/--n-head/--n-embd override it.
-        n_layer: decoder blocks (default: the preset's, else 4).
-        n_head: attention heads (default: the preset's, else 4).
-        n_embd: residual width (default: the preset's, else 128).
-        block_size: tokens per training window; without a preset also the model's context (default 256).
-        dropout: residual and embedding dropout.
-        family: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU).
-        arch: "gpt" (decoder-only, next-token prediction) or "seq2seq" (encoder-decoder, prefix LM: the
-            encoder reads a random-length prefix of a 2 x block_size window, the decoder predicts the next
-            block_size tokens).
-        n_encoder_layer: seq2seq only: encoder blocks (default: as many as the decoder's n_layer).
-        batch_size: sequences per micro-batch (per rank).
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate.
-        min_lr: learning rate at the end of the cosine (default lr / 10).
-        warmup_steps: linear warm-up steps.
-        max_steps: optimizer steps.
-        weight_decay: AdamW weight decay on matrices.
-        beta2: AdamW beta2.
-        grad_clip: clip the gradient norm to this (0 disables).
-        eval_interval: validation loss every this many steps (and at the end).
-        eval_iters: validation batches per evaluation.
-        log_interval: metrics every this many steps.
-        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
-        keep_last: step checkpoints to keep.
-        seed: seeds the model's initialisation, dropout and the order of the data.
-        device: auto, cpu, cuda or cuda:N.
-        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16.
-        compile: torch.compile the model (default: on for CUDA, off on CPU).
-        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
-            of replicating them (DDP); for models that do not fit one GPU.
-        resume: continue the run in OUT from its latest checkpoint.
-        samples: generations written to OUT/samples.txt at the end (0 for none).
-    """
-    data, out = Path(data), Path(out)
-    clock = _Clock(0.0, time.perf_counter())
-
-    # 1. check everything a user can get wrong before training starts
-    if arch not in ("gpt", "seq2seq"):
-        raise UserError(f"--arch {arch!r}: choose 'gpt' (decoder-only) or 'seq2seq' (encoder-decoder)")
-    if n_encoder_layer is not None and (arch != "seq2seq" or n_encoder_layer < 1):
-        raise UserError("--n-encoder-layer is for --arch seq2seq and must be at least 1")
-    if eval_iters < 1:
-        raise UserError(f"--eval-iters must be at least 1, got {eval_iters}")
-    if samples < 0:
-        raise UserError(f"--samples must be >= 0, got {samples}")
-    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
-                      warmup_steps=warmup_steps, max_steps=max_steps, weight_decay=weight_decay, beta2=beta2,
-                      grad_clip=grad_clip, seed=seed, device=device, dtype=dtype, compile=compile,
-                      eval_interval=eval_interval, log_interval=log_interval,
-                      checkpoint_interval=checkpoint_interval, keep_last=keep_last, fsdp=fsdp)
-    cfg.validate()
-    read_meta(data)
-
-    meta, train_shards, val_shards = load_shards(data)
-    model_cfg, T = model_config(preset, int(meta["vocab_size"]), n_layer, n_head, n_embd, block_size, dropout,
-                                family, arch, n_encoder_layer)
-    start_id, pad_id = special_ids(data, meta)
-    objective = make_objective(arch, T, start_id, pad_id)
-    train_data = WindowSampler(train_shards, objective.window)
-    if train_data.n_windows == 0:
-        longest = max((len(s) for s in train_shards), default=0)
-        what = "block_size + 1" if arch == "gpt" else "2 x block_size (prefix + continuation)"
-        raise UserError(f"{data}: the longest train shard holds {longest} tokens, fewer than one window of "
-                        f"{what} = {objective.window}; lower --block-size or prepare more data")
-    val_data = WindowSampler(val_shards, objective.window)
-    check_out(out, resume, "pretraining")
-
-    # 2. set up: runtime, model, optimizer, and the state of a resumed run
-    runtime = setup(cfg)
-
-    def say(message: str) -> None:
-        if runtime.is_main:
+    def say(self, message: str) -> None:
+        if self.runtime.is_main:
             print(message, flush=True)
 
-    if val_data.n_windows == 0:
-        say(f"warning: {data} has no validation window of {objective.window} tokens: no val loss will be "
-            "reported")
-    raw = build_model(model_cfg).to(runtime.device)
+    def save(self, step: int) -> None:
+        self.ckpt.save(step, {"model": self.raw}, {"model": self.optimizer},
+                       {**self.state, "step": step, "data_rng": self.data_rng.bit_generator.state,
+                        "seconds": self.clock.total()},
+                       extra_config=self.run_config)
+
+
+def set_up(args: PretrainArgs, inputs: _Inputs, clock: _Clock) -> _Run:
+    """Runtime (device, dtype, seeds, process group), the freshly initialised model and its optimizer."""
+    cfg = args.train
+    runtime = setup(cfg)
+    if runtime.is_main and inputs.val_data.n_windows == 0:
+        print(f"warning: {args.data} has no validation window of {inputs.objective.window} tokens: no val loss "
+              "will be reported", flush=True)
+    raw = build_model(inputs.model_cfg).to(runtime.device)
     model = prepare_model(raw, runtime)  # DDP or FSDP; `raw` (sharded in place under FSDP) for checkpoints
     optimizer = make_optimizer(raw, cfg, runtime)
-    ckpt = Checkpointer(out, keep_last=cfg.keep_last)
-    run_config = {"stage": "pretrain", "data": str(data), "train": config_dict(cfg), "block_size": T,
-                  "eval_iters": eval_iters, "objective": "next_token" if arch == "gpt" else "prefix_lm"}
-    data_rng = np.random.default_rng([seed, 0])  # the same on every rank: each keeps its slice of a batch
+    # the recipe, without how this process was started (--resume, --report-to): the same in the checkpoints
+    # of an uninterrupted run and of a resumed one
+    recipe = {k: v for k, v in config_dict(cfg).items() if k not in ("resume", "report_to")}
+    run_config = {"stage": "pretrain", "data": str(args.data), "train": recipe, "block_size": inputs.T,
+                  "eval_iters": args.eval_iters, "objective": "next_token" if args.arch == "gpt" else "prefix_lm"}
+    data_rng = np.random.default_rng([cfg.seed, 0])  # the same on every rank: each keeps its slice of a batch
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "train_loss": None, "val_loss": None}
-    latest = ckpt.latest() if resume else None
-    if latest is not None:
-        saved = json.loads((latest / "model" / "config.json").read_text())["model"]
-        if saved != model_cfg.to_dict():
-            diff = sorted(k for k in saved if saved[k] != model_cfg.to_dict().get(k))
-            raise UserError(f"--resume: the checkpoint {latest} has a different model ({', '.join(diff)} "
-                            "differ); pass the same shape flags as the run that wrote it")
-        state = ckpt.load(latest, {"model": raw}, {"model": optimizer})
-        data_rng.bit_generator.state = state["data_rng"]
-        clock.before = state["seconds"]
-        say(f"resumed from {latest} at step {state['step']}")
-        if state["step"] >= cfg.max_steps and (out / DONE).is_file():
-            say(f"{out} is complete ({state['step']} steps, --max-steps {cfg.max_steps}): nothing to do")
-            return
-    elif resume:
-        say(f"--resume: no checkpoint in {out}, starting from scratch")
+    return _Run(runtime, raw, model, optimizer, Checkpointer(args.out, keep_last=cfg.keep_last), run_config,
+                data_rng, state, clock)
+
+
+def restore(run: _Run, args: PretrainArgs, inputs: _Inputs) -> bool:
+    """With --resume, load the latest checkpoint in OUT into `run`. False when that run is complete (its
+    done.json, and --max-steps reached): nothing to do."""
+    out, cfg = args.out, args.train
+    latest = run.ckpt.latest() if cfg.resume else None
+    if latest is None:
+        if cfg.resume:
+            run.say(f"--resume: no checkpoint in {out}, starting from scratch")
+        return True
+    saved = json.loads((latest / "model" / "config.json").read_text())["model"]
+    if saved != inputs.model_cfg.to_dict():
+        diff = sorted(k for k in saved if saved[k] != inputs.model_cfg.to_dict().get(k))
+        raise UserError(f"--resume: the checkpoint {latest} has a different model ({', '.join(diff)} "
+                        "differ); pass the same shape flags as the run that wrote it")
+    run.state = run.ckpt.load(latest, {"model": run.raw}, {"model": run.optimizer})
+    run.data_rng.bit_generator.state = run.state["data_rng"]
+    run.clock.before = run.state["seconds"]
+    run.say(f"resumed from {latest} at step {run.state['step']}")
+    if run.state["step"] >= cfg.max_steps and (out / DONE).is_file():
+        run.say(f"{out} is complete ({run.state['step']} steps, --max-steps {cfg.max_steps}): nothing to do")
+        return False
+    return True
+
+
+def start(run: _Run, args: PretrainArgs, inputs: _Inputs) -> MetricsLog:
+    """Mark OUT as not complete, write OUT/args.json, open the metrics log (cut back to the resumed step)."""
+    out = args.out
     (out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state["step"], enabled=runtime.is_main)
-    flops_per_token = training_flops_per_token(raw, T)
-    say(f"pretraining a {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M-parameter {arch} model on {data} "
-        f"({train_data.n_windows:,} train windows of {objective.window} tokens) for {cfg.max_steps} steps on "
-        f"{runtime.device}")
+    if run.runtime.is_main:
+        write_args(out, args)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=run.state["step"], enabled=run.runtime.is_main,
+                     report_to=args.train.report_to, stage="pretrain", config=to_dict(args))
+    run.say(f"pretraining a {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M-parameter {args.arch} "
+            f"model on {args.data} ({inputs.train_data.n_windows:,} train windows of {inputs.objective.window} "
+            f"tokens) for {args.train.max_steps} steps on {run.runtime.device}")
+    return log
 
-    def save(step: int) -> None:
-        ckpt.save(step, {"model": raw}, {"model": optimizer},
-                  {**state, "step": step, "data_rng": data_rng.bit_generator.state, "seconds": clock.total()},
-                  extra_config=run_config)
 
-    # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
+# 3. the loop
+
+
+def train_loop(run: _Run, log: MetricsLog, args: PretrainArgs, inputs: _Inputs) -> None:
+    """Optimizer steps from the resumed step to --max-steps: metrics every --log-interval, val loss every
+    --eval-interval, a checkpoint every --checkpoint-interval (and all three at the last step)."""
+    cfg, runtime, state, objective, val_data = args.train, run.runtime, run.state, inputs.objective, inputs.val_data
+
+    def validate() -> float:
+        return evaluate(run.raw, val_data, args.eval_iters, cfg.batch_size, cfg.seed, runtime, objective)
+
     if state["step"] == 0 and val_data.n_windows:
-        state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime, objective)
-        metrics.log(0, val_loss=state["val_loss"])
+        state["val_loss"] = validate()
+        log.log(0, val_loss=state["val_loss"])
+    flops_per_token = training_flops_per_token(run.raw, inputs.T)
     timer, tokens_since = Timer(runtime.device), 0
     with Progress(cfg.max_steps, "pretrain", start=state["step"], enabled=runtime.is_main) as bar:
         for step in range(state["step"], cfg.max_steps):
-            micro = [sample_batch(objective, train_data, data_rng, cfg.batch_size, runtime)
+            micro = [sample_batch(objective, inputs.train_data, run.data_rng, cfg.batch_size, runtime)
                      for _ in range(cfg.grad_accum)]
             done = step + 1
             log_now = done % cfg.log_interval == 0 or done == cfg.max_steps
-            stats = train_step(model, optimizer, micro, objective.loss_sum, objective.n_targets, cfg, runtime, step,
-                               sync=log_now)
+            stats = train_step(run.model, run.optimizer, micro, objective.loss_sum, objective.n_targets, cfg,
+                               runtime, step, sync=log_now)
             state["tokens"] += stats["tokens"]
             tokens_since += stats["tokens"]
             record = {}
@@ -411,24 +462,31 @@ def pretrain_command(
                     record["mfu"] = round(util, 4)
                 bar.update(done, stats["loss"], tok_s)
             if val_data.n_windows and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
-                state["val_loss"] = evaluate(raw, val_data, eval_iters, cfg.batch_size, seed, runtime, objective)
+                state["val_loss"] = validate()
                 record["val_loss"] = state["val_loss"]
                 bar.print(f"step {done}: train loss {state['train_loss']:.4f}, val loss {state['val_loss']:.4f}")
                 timer.lap()  # evaluation time is not training throughput
             if record:
-                metrics.log(done, **record)
+                log.log(done, **record)
             if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
-                save(done)
+                run.save(done)
                 timer.lap()
 
-    # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
-    ckpt.export(raw, extra={"stage": "pretrain", "objective": run_config["objective"]})
-    if runtime.is_main:
-        if samples:
-            # a sharded model generates only with every rank: rank 0 reads back the exported one
-            write_samples(load_model(out, device=runtime.device) if runtime.fsdp else raw, data, out, samples, seed)
-        done_info = {"stage": "pretrain", "step": cfg.max_steps, "val_loss": state["val_loss"],
-                     "train_loss": state["train_loss"], "tokens": state["tokens"],
-                     "seconds": round(clock.total(), 2)}
-        write_done(out, done_info, tokenizer_from=data if (data / "tokenizer.json").is_file() else None)
-        say(f"done: val loss {state['val_loss']}, {clock.total():.1f} s; wrote {out}")
+
+# 4. the result
+
+
+def finish(run: _Run, args: PretrainArgs) -> dict:
+    """Export the model, write samples and, last, done.json (main rank); the summary, on every rank."""
+    out, data, state = args.out, args.data, run.state
+    run.ckpt.export(run.raw, extra={"stage": "pretrain", "objective": run.run_config["objective"]})
+    if run.runtime.is_main and args.samples:
+        # a sharded model generates only with every rank: rank 0 reads back the exported one
+        model = load_model(out, device=run.runtime.device) if run.runtime.fsdp else run.raw
+        write_samples(model, data, out, args.samples, args.train.seed)
+    summary = {"stage": "pretrain", "step": args.train.max_steps, "val_loss": state["val_loss"],
+               "train_loss": state["train_loss"], "tokens": state["tokens"], "seconds": round(run.clock.total(), 2)}
+    if run.runtime.is_main:
+        write_done(out, summary, tokenizer_from=data if (data / "tokenizer.json").is_file() else None)
+        run.say(f"done: val loss {state['val_loss']}, {run.clock.total():.1f} s; wrote {out}")
+    return summary

@@ -570,3 +570,28 @@ def write_args(out: Path, args: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calling a stage from Python
+
+
+def args_class(command: Any) -> type | None:
+    """The arguments dataclass of a command that takes one (`def sft_command(args: SFTArgs)`), else None."""
+    hints = typing.get_type_hints(command)
+    hints.pop("return", None)
+    if len(hints) == 1:
+        (cls,) = hints.values()
+        if dataclasses.is_dataclass(cls):
+            return cls
+    return None
+
+
+def call(command: Any, **values: Any) -> Any:
+    """Run a stage from Python with flat keyword arguments, checked as a recipe file is:
+    `call(sft_command, init=run / "pretrain", data=[...], out=run / "sft", lr=3e-4)`."""
+    cls = args_class(command)
+    if cls is None:
+        raise TypeError(f"{command.__name__} does not take one arguments dataclass")
+    return command(build(cls, values, f"{command.__name__}(...)"))
+

@@ -13,15 +13,10 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .evaluate import MODEL_ORDER
+from .train import read_metrics
 
-MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo")
 LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,11 +32,13 @@ from .batching import EpochSampler, pad
 from .chat import render_prompt, render_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
 from .data import Comparison, ended_flags, read_examples, read_rankings, split_comparisons
-from .distributed import all_reduce_sums, prepare_model, rank_rows
+from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows
 from .errors import UserError
 from .losses import ranking_loss, rewards_of
 from .model import ScalarModel
+from .recipe import to_dict, write_args
 from .tokenizer import Tokenizer
+from .train import TrainConfig
 
 # ----------------------------------------------------------------------------------------------------
 # Scoring
@@ -157,164 +159,196 @@ def normalise_bias(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], r
 # The stage
 
 
-def rm_command(
-    init: Path,
-    data: list[Path],
-    out: Path,
-    demos: list[Path] | None = None,
-    val_data: list[Path] | None = None,
-    val_fraction: float = 0.1,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 1e-4,
-    min_lr: float | None = None,
-    warmup_steps: int = 10,
-    weight_decay: float = 0.0,
-    max_length: int | None = None,
-    log_interval: int = 10,
-    eval_interval: int | None = None,
-    checkpoint_interval: int = 500,
-    keep_last: int = 2,
-    seed: int = 1337,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool | None = None,
-    fsdp: bool = False,
-    resume: bool = False,
-    skip_invalid: bool = False,
-) -> dict:
-    """Train a reward model on rankings (K-way) or pairs, starting from the SFT model.
+@dataclass
+class RMArgs:
+    init: Path  # the SFT checkpoint folder; its unembedding is replaced by a scalar head
+    # comparison files: rankings {prompt, completions, ranking}, pairs {prompt, chosen, rejected}, or Anthropic HH
+    # dialogues {chosen, rejected}
+    data: list[Path]
+    out: Path  # stage folder to write
+    # demonstration files; after training the reward is shifted so their mean is 0. Without them, the top-ranked
+    # completions of the training data stand in for demonstrations
+    demos: list[Path] | None = None
+    # held-out comparison files; without them, --val-fraction of the prompts is held out
+    val_data: list[Path] | None = None
+    val_fraction: float = 0.1  # share of the prompts held out for the pairwise accuracy when no --val-data is given
+    epochs: float = 1.0  # passes over the training prompts (the paper used 1: more overfits); --max-steps overrides
+    max_length: int | None = None  # longest prompt + response in tokens; None: the model's context
+    skip_invalid: bool = False  # skip invalid records (counted and reported) instead of stopping at the first
+    # the shared training settings. Here --batch-size counts prompts (each brings all K of its completions);
+    # --max-steps None: --epochs passes; --warmup-steps None: 10; --eval-interval None: 5 times per run (and at
+    # the end); --checkpoint-interval None: at the end only
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=8, grad_accum=1, lr=1e-4, min_lr=None, warmup_steps=10, max_steps=None, weight_decay=0.0,
+        beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337, eval_interval=None, log_interval=10,
+        checkpoint_interval=500, keep_last=2))
 
-    Args:
-        init: the SFT checkpoint folder; its unembedding is replaced by a scalar head.
-        data: comparison files: rankings {prompt, completions, ranking}, pairs {prompt, chosen, rejected},
-            or Anthropic HH dialogues {chosen, rejected}.
-        out: stage folder to write.
-        demos: demonstration files; after training the reward is shifted so their mean is 0. Without them,
-            the top-ranked completions of the training data stand in for demonstrations.
-        val_data: held-out comparison files; without them, val_fraction of the prompts is held out.
-        val_fraction: share of the prompts held out for the pairwise accuracy when no --val-data is given.
-        epochs: passes over the training prompts (the paper used 1: more overfits).
-        max_steps: optimizer steps (overrides epochs).
-        batch_size: prompts per micro-batch (each brings all K of its completions).
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate (cosine decay to min_lr after warmup_steps).
-        max_length: longest prompt + response in tokens (default: the model's context).
-        log_interval: write metrics every this many steps.
-        eval_interval: held-out accuracy every this many steps (default: 5 times per run, and at the end).
-        checkpoint_interval: resumable checkpoint every this many steps (and at the end).
-        keep_last: step checkpoints to keep.
-        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
-            of replicating them (DDP).
-        resume: continue the run in OUT from its latest checkpoint.
-        skip_invalid: skip invalid records (counted and reported) instead of stopping at the first.
-    """
+
+def rm_command(args: RMArgs) -> dict:
+    """Train a reward model on rankings (K-way) or pairs, starting from the SFT model."""
     t0 = time.time()
-    init, out = Path(init), Path(out)
-    check_out(out, resume, "reward-model")
-    if resume and (summary := read_done(out)) is not None:
+    if args.train.resume and (summary := read_done(args.out)) is not None:  # a finished run: nothing to do
         print(json.dumps(summary))
         return summary
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {epochs}")
+    check_args(args)
 
     # 1. read everything first: a bad file fails here, before anything is written to OUT
-    tok = Tokenizer.load(init / "tokenizer.json")
-    if read_config(init)["kind"] not in ("gpt", "scalar"):
-        raise UserError(f"{init}: a reward model needs a decoder-only checkpoint")
-    comps = read_rankings(data, skip_invalid)
-    if val_data:
-        trn_c, val_c = comps, read_rankings(val_data, skip_invalid)
-    else:
-        trn_c, val_c = split_comparisons(comps, val_fraction, seed)
-    if not trn_c:
-        raise UserError(f"no training comparisons left after holding out {len(val_c)} for validation")
-    if demos:
-        examples = [e for p in demos for e in read_examples(p, skip_invalid=skip_invalid)]
-        norm_prompts = [e.messages[:-1] for e in examples]
-        norm_replies = [e.messages[-1]["content"] for e in examples]
-        norm_source = "demonstrations"
-    else:
-        norm_prompts = [c.prompt for c in trn_c]
-        norm_replies = [c.completions[c.ranking[0]] for c in trn_c]
-        norm_source = "top-ranked training completions"
-
-    tcfg = train.TrainConfig(
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        max_steps=max_steps or 1, weight_decay=weight_decay, seed=seed, device=device, dtype=dtype,
-        compile=compile, log_interval=log_interval, checkpoint_interval=checkpoint_interval, keep_last=keep_last,
-        fsdp=fsdp,
-    )
-    runtime = train.setup(tcfg)
-    model = load_model(init, kind="scalar")
-    L = min(max_length or model.config.block_size, model.config.block_size)
-    trn = encode_comparisons(tok, trn_c, L)
-    val = encode_comparisons(tok, val_c, L)
-    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
-    every = eval_interval or max(1, total_steps // 5)
+    data = read_data(args)
 
     # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
+    run = set_up(args, data)
+
+    # 3. the loop: every micro-batch holds all K completions of batch_size prompts
+    train_loop(args, data, run)
+
+    # 4. centre the reward on the demonstrations (paper section 3.5), then save; done.json last
+    return finish(args, data, run, t0)
+
+
+def check_args(args: RMArgs) -> None:
+    """Every mistake in the flags, before anything is read or written."""
+    check_out(args.out, args.train.resume, "reward-model")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {args.epochs}")
+    args.train.validate()
+
+
+@dataclass
+class RMData:
+    tok: Tokenizer
+    train_comps: list[Comparison]
+    val_comps: list[Comparison]
+    norm_prompts: list[list[dict]]  # the responses whose mean reward is set to 0, and their prompts
+    norm_replies: list[str]
+    norm_source: str
+
+
+def read_data(args: RMArgs) -> RMData:
+    """The tokenizer, the training and held-out comparisons, and the responses to centre the reward on."""
+    tok = Tokenizer.load(args.init / "tokenizer.json")
+    if read_config(args.init)["kind"] not in ("gpt", "scalar"):
+        raise UserError(f"{args.init}: a reward model needs a decoder-only checkpoint")
+    comps = read_rankings(args.data, args.skip_invalid)
+    if args.val_data:
+        trn_c, val_c = comps, read_rankings(args.val_data, args.skip_invalid)
+    else:
+        trn_c, val_c = split_comparisons(comps, args.val_fraction, args.train.seed)
+    if not trn_c:
+        raise UserError(f"no training comparisons left after holding out {len(val_c)} for validation")
+    if args.demos:
+        examples = [e for p in args.demos for e in read_examples(p, skip_invalid=args.skip_invalid)]
+        return RMData(tok, trn_c, val_c, [e.messages[:-1] for e in examples],
+                      [e.messages[-1]["content"] for e in examples], "demonstrations")
+    return RMData(tok, trn_c, val_c, [c.prompt for c in trn_c], [c.completions[c.ranking[0]] for c in trn_c],
+                  "top-ranked training completions")
+
+
+@dataclass
+class RMRun:
+    cfg: TrainConfig  # args.train with max_steps and warmup_steps resolved
+    runtime: Runtime
+    model: nn.Module  # the ScalarModel: what is saved (sharded in place under FSDP)
+    fwd: nn.Module  # what is called: the model under DDP or FSDP
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    ckpt: Checkpointer
+    log: train.MetricsLog
+    trn: list[EncodedComparison]
+    val: list[EncodedComparison]
+    step: int  # the next step's index (steps done so far)
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def set_up(args: RMArgs, data: RMData) -> RMRun:
+    """Runtime, model, encoded data, schedule, optimizer and data order, restored on --resume; OUT/args.json."""
+    # max_steps is a placeholder until epoch_schedule knows the world size; it sets the schedule's length
+    cfg = replace(args.train, max_steps=args.train.max_steps or 1,
+                  warmup_steps=10 if args.train.warmup_steps is None else args.train.warmup_steps)
+    runtime = train.setup(cfg)
+    model = load_model(args.init, kind="scalar")
+    L = min(args.max_length or model.config.block_size, model.config.block_size)
+    trn = encode_comparisons(data.tok, data.train_comps, L)
+    val = encode_comparisons(data.tok, data.val_comps, L)
+    _, total_steps = train.epoch_schedule(len(trn), args.epochs, args.train.max_steps, cfg, runtime)
+
     fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
-    optimizer = train.make_optimizer(model, tcfg, runtime)
-    sampler = EpochSampler(len(trn), seed)
-    ckpt = Checkpointer(out, keep_last=keep_last)
-    if ckpt.latest() is not None and not resume:
-        raise UserError(f"{out} holds checkpoints of an unfinished reward-model run; pass --resume to continue it, "
-                        "or choose another --out")
+    optimizer = train.make_optimizer(model, cfg, runtime)
+    sampler = EpochSampler(len(trn), cfg.seed)
+    ckpt = Checkpointer(args.out, keep_last=cfg.keep_last)
+    if ckpt.latest() is not None and not cfg.resume:
+        raise UserError(f"{args.out} holds checkpoints of an unfinished reward-model run; pass --resume to continue "
+                        "it, or choose another --out")
     step = 0
-    if resume and (latest := ckpt.latest()) is not None:
+    if cfg.resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
         step = state["step"]
         sampler.restore(state["sampler"])
-    out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        write_args(args.out, args)
+    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main,
+                           report_to=cfg.report_to, stage="rm", config=to_dict(args))
+    return RMRun(cfg, runtime, model, fwd, optimizer, sampler, ckpt, log, trn, val, step, total_steps,
+                 eval_every=cfg.eval_interval or max(1, total_steps // 5),
+                 checkpoint_every=cfg.checkpoint_interval or total_steps)
 
-    # 3. the loop: every micro-batch holds all K completions of batch_size prompts
+
+def train_loop(args: RMArgs, data: RMData, run: RMRun) -> None:
+    """Train from run.step to run.total_steps: metrics, held-out accuracy and checkpoints on their intervals."""
+    cfg, runtime = run.cfg, run.runtime
     seen: dict[str, float] = {}
 
     def loss_sum(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # batch_loss_sum, also counting the pairs the model already orders right (the training accuracy)
         rewards = rewards_of(m, b["ids"], b["attention_mask"])
         diff = (rewards[b["pairs"][:, 0]] - rewards[b["pairs"][:, 1]]).detach()
         seen["correct"] = seen.get("correct", 0.0) + float((diff > 0).sum() + 0.5 * (diff == 0).sum())
         seen["pairs"] = seen.get("pairs", 0.0) + len(diff)
         return ranking_loss(rewards, b["pairs"], b["group"], int(b["n_groups"]))
 
-    progress = train.Progress(total_steps, "reward model", start=step)
-    model.train()
-    while step < total_steps:
-        micro = [make_batch([trn[i] for i in rank_rows(sampler.take(batch_size * runtime.world_size), runtime)],
-                            tok.pad_id) for _ in range(grad_accum)]
+    progress = train.Progress(run.total_steps, "reward model", start=run.step)
+    run.model.train()
+    while run.step < run.total_steps:
+        micro = [make_batch([run.trn[i] for i in rank_rows(run.sampler.take(cfg.batch_size * runtime.world_size),
+                                                            runtime)], data.tok.pad_id)
+                 for _ in range(cfg.grad_accum)]
         micro = [{k: v.to(runtime.device) for k, v in b.items()} for b in micro]
         seen.clear()
-        stats = train.train_step(fwd, optimizer, micro, loss_sum, n_prompts, tcfg, runtime, step)
-        step += 1
+        stats = train.train_step(run.fwd, run.optimizer, micro, loss_sum, n_prompts, cfg, runtime, run.step)
+        run.step += 1
+        step = run.step
         sums = all_reduce_sums(seen, runtime)
         row = {"step": step, "loss": stats["loss"], "accuracy": sums["correct"] / sums["pairs"],
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], "prompts": stats["tokens"]}
-        if val and (step % every == 0 or step == total_steps):
-            acc = pairwise_accuracy(model, tok, val)
+        if run.val and (step % run.eval_every == 0 or step == run.total_steps):
+            acc = pairwise_accuracy(run.model, data.tok, run.val)
             row |= {"val_accuracy": acc["accuracy"], "val_loss": acc["loss"]}
-        if step % log_interval == 0 or "val_accuracy" in row:
-            log.write(row)
-        if step % checkpoint_interval == 0 or step == total_steps:
-            ckpt.save(step, {"model": model}, {"optimizer": optimizer}, {"step": step, "sampler": sampler.state()})
+        if step % cfg.log_interval == 0 or "val_accuracy" in row:
+            run.log.write(row)
+        if step % run.checkpoint_every == 0 or step == run.total_steps:
+            run.ckpt.save(step, {"model": run.model}, {"optimizer": run.optimizer},
+                          {"step": step, "sampler": run.sampler.state()})
         progress.update(step, stats)
     progress.close()
 
-    # 4. centre the reward on the demonstrations (paper section 3.5), then save; done.json last
-    shift = normalise_bias(model, tok, norm_prompts, norm_replies)
-    acc = pairwise_accuracy(model, tok, val) if val else None
-    ckpt.export(model, extra={"stage": "rm", "bias_shift": shift, "normalised_on": norm_source})
-    summary = {"stage": "rm", "steps": step, "train_prompts": len(trn), "val_prompts": len(val),
-               "train_pairs": sum(len(c.pairs) for c in trn),
+
+def finish(args: RMArgs, data: RMData, run: RMRun, t0: float) -> dict:
+    """Shift the bias so the demonstrations score 0 on average, export the model, write done.json."""
+    model, val = run.model, run.val
+    shift = normalise_bias(model, data.tok, data.norm_prompts, data.norm_replies)
+    acc = pairwise_accuracy(model, data.tok, val) if val else None
+    run.ckpt.export(model, extra={"stage": "rm", "bias_shift": shift, "normalised_on": data.norm_source})
+    summary = {"stage": "rm", "steps": run.step, "train_prompts": len(run.trn), "val_prompts": len(val),
+               "train_pairs": sum(len(c.pairs) for c in run.trn),
                "val_accuracy": acc["accuracy"] if acc else None, "val_loss": acc["loss"] if acc else None,
-               "val_pairs": acc["pairs"] if acc else 0, "normalised_on": norm_source, "bias_shift": shift,
+               "val_pairs": acc["pairs"] if acc else 0, "normalised_on": data.norm_source, "bias_shift": shift,
                "seconds": round(time.time() - t0, 2)}
-    if runtime.is_main:
-        write_done(out, summary, tokenizer_from=init)
+    if run.runtime.is_main:
+        write_done(args.out, summary, tokenizer_from=args.init)
         print(json.dumps(summary))
+    run.log.close()
     return summary

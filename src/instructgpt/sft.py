@@ -16,7 +16,7 @@ validation loss, or, with `--select-by labeler --world DIR`, the one whose greed
 held-out world prompts the scripted labeler scores highest.
 
 Reads top to bottom: encode the data -> batches -> the loss -> pretraining windows -> model selection ->
-the stage (set up, loop, choose and export).
+the stage (its arguments, the checks, set up, loop, choose and export).
 
     INIT/model.safetensors, config.json, tokenizer.json      (pretrain, import-hf, or an earlier SFT)
       -> OUT/model.safetensors, config.json, tokenizer.json  the SFT model (the next stages' --init/--policy)
@@ -32,7 +32,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,14 +43,16 @@ import torch.nn as nn
 from . import train
 from .batching import IGNORE, EpochSampler, PretrainWindows, pack_batch, pad, to_device
 from .chat import render, render_prompt, render_response, replies
-from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, write_done
+from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, read_done, write_done
 from .data import Example, Prompt, read_examples, read_prompts
-from .distributed import prepare_model, rank_rows
+from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
 from .losses import token_cross_entropy
 from .model import Seq2Seq, set_dropout
 from .prepare import read_meta
+from .recipe import to_dict, write_args
 from .tokenizer import Tokenizer
+from .train import TrainConfig
 from .world.judge import summarise
 from .world.labeler import Labeler
 from .world.world import FAMILIES, World, sample_prompt
@@ -237,6 +239,68 @@ def labeler_score(model: nn.Module, tok: Tokenizer, sel: LabelerSelection, batch
 # 6. The stage
 
 
+@dataclass
+class SFTArgs:
+    """The arguments of `instructgpt sft`."""
+
+    init: Path  # checkpoint folder to start from (pretrain output, an imported Hugging Face model, ...)
+    data: list[Path]  # instruction files (prompt/completion, messages, Alpaca, GSM8K, the world's demonstrations)
+    out: Path  # stage folder to write (model.safetensors, config.json, tokenizer.json, metrics.jsonl, state)
+    val_data: list[Path] | None = None  # validation files; without them --val-fraction of --data is held out
+    val_fraction: float = 0.05  # share of --data held out for the validation loss when no --val-data is given
+    epochs: float = 2.0  # passes over the training examples (ignored when --max-steps is given)
+    # residual dropout during fine-tuning (the paper used 0.2); the exported model keeps the dropout of --init in
+    # its config, so later stages do not inherit it
+    dropout: float = 0.2
+    max_length: int | None = None  # longest example in tokens (None: the model's context); longer ones are cut
+    packing: bool = False  # pack several examples per row (document mask, positions restart) instead of padding
+    # share of each step's sequences drawn from pretraining shards (--ptx-data); every token of a window is a
+    # target, weighted like a reply token. Under torchrun each process adds its share, rounded from its own batch
+    ptx_fraction: float = 0.0
+    ptx_data: Path | None = None  # a `prepare` output folder written with the model's tokenizer, for --ptx-fraction
+    # which evaluation picks the exported checkpoint: "loss" (lowest validation loss) or "labeler" (highest labeler
+    # score of greedy replies to held-out world prompts; needs --world)
+    select_by: Literal["loss", "labeler"] = "loss"
+    world: Path | None = None  # a world folder (`instructgpt world`), for --select-by labeler
+    select_prompts: int = 44  # held-out world prompts the labeler judges at each evaluation
+    select_max_new_tokens: int = 32  # longest greedy reply to a selection prompt
+    skip_invalid: bool = False  # skip malformed records (and report how many) instead of stopping at the first
+    # the shared training settings, with SFT's defaults. Left at None, the step count is epochs x examples over
+    # the examples of a step (batch size x grad accum x processes), the warm-up 5% of the steps (at least 1), the
+    # evaluation once per epoch but at least 4 times a run, the checkpoint at each evaluation. The batch size
+    # counts examples per micro-batch and process (packed into fewer rows with --packing); the seed seeds the
+    # validation split, the data order, dropout and the pretraining windows
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=16, grad_accum=1, lr=3e-4, min_lr=None, warmup_steps=None, max_steps=None, weight_decay=0.0,
+        beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337, eval_interval=None, checkpoint_interval=None, keep_last=2,
+        log_interval=10,
+    ))
+
+
+def check_args(args: SFTArgs) -> None:
+    """Every argument a user can get wrong, before anything is read or written (UserError naming the flag)."""
+    if not args.init.is_dir():
+        raise UserError(f"--init {args.init}: no such folder (a pretrain or import-hf output)")
+    if not 0 <= args.ptx_fraction < 1:
+        raise UserError(f"--ptx-fraction must be in [0, 1), got {args.ptx_fraction}")
+    if args.ptx_fraction > 0 and args.ptx_data is None:
+        raise UserError("--ptx-fraction needs --ptx-data (a folder written by `instructgpt prepare`)")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.select_by == "labeler" and args.world is None:
+        raise UserError("--select-by labeler needs --world (a folder written by `instructgpt world`)")
+    if args.select_by not in ("loss", "labeler"):
+        raise UserError(f"--select-by must be 'loss' or 'labeler', got {args.select_by!r}")
+    if args.select_by == "labeler" and not (Path(args.world) / "world.json").is_file():
+        raise UserError(f"--world {args.world}: no world.json (a folder written by `instructgpt world`)")
+    for name, value in (("--select-prompts", args.select_prompts),
+                        ("--select-max-new-tokens", args.select_max_new_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    args.train.validate()  # the shared settings: --lr, --batch-size, --eval-interval, ...
+    check_out(args.out, args.train.resume, "SFT")
+
+
 def load_data(paths: list[Path], skip_invalid: bool) -> list[Example]:
     examples: list[Example] = []
     for p in paths:
@@ -258,243 +322,235 @@ def split_val(examples: list[Example], val_fraction: float, seed: int) -> tuple[
     return trn, val
 
 
-def sft_command(
-    init: Path,
-    data: list[Path],
-    out: Path,
-    val_data: list[Path] | None = None,
-    val_fraction: float = 0.05,
-    epochs: float = 2.0,
-    max_steps: int | None = None,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    lr: float = 3e-4,
-    min_lr: float | None = None,
-    warmup_steps: int | None = None,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    dropout: float = 0.2,
-    max_length: int | None = None,
-    packing: bool = False,
-    ptx_fraction: float = 0.0,
-    ptx_data: Path | None = None,
-    select_by: Literal["loss", "labeler"] = "loss",
-    world: Path | None = None,
-    select_prompts: int = 44,
-    select_max_new_tokens: int = 32,
-    eval_interval: int | None = None,
-    checkpoint_interval: int | None = None,
-    log_interval: int = 10,
-    seed: int = 1337,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool | None = None,
-    fsdp: bool = False,
-    resume: bool = False,
-    skip_invalid: bool = False,
-) -> None:
-    """Supervised fine-tuning on demonstrations (any instruction format the readers accept).
+@dataclass
+class Inputs:
+    """What the stage reads before it writes anything: the model to fine-tune, its tokenizer, the encoded
+    examples and the labeler's selection prompts."""
 
-    Args:
-        init: checkpoint folder to start from (pretrain output, an imported Hugging Face model, ...).
-        data: instruction files (prompt/completion, messages, Alpaca, GSM8K, the world's demonstrations).
-        out: stage folder to write (model.safetensors, config.json, tokenizer.json, metrics.jsonl, state).
-        val_data: validation files; without them `val_fraction` of `data` is held out.
-        val_fraction: share of `data` held out for the validation loss when no `val_data` is given.
-        epochs: passes over the training examples (ignored when `max_steps` is given).
-        max_steps: optimizer steps (default: epochs x examples / (batch_size x grad_accum x processes)).
-        batch_size: examples per micro-batch and process (packed into fewer rows with `packing`).
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate (linear warm-up, then a cosine down to `min_lr`).
-        min_lr: learning rate at the end of the cosine (default lr / 10).
-        warmup_steps: linear warm-up steps (default: 5% of the steps, at least 1).
-        weight_decay: AdamW weight decay on matrices.
-        grad_clip: clip the gradient norm to this (0 disables).
-        dropout: residual dropout during fine-tuning (the paper used 0.2); the exported model keeps the
-            dropout of `init` in its config, so later stages do not inherit it.
-        max_length: longest example in tokens (default: the model's context); longer ones are truncated.
-        packing: pack several examples per row (document mask, positions restart) instead of padding.
-        ptx_fraction: share of each step's sequences drawn from pretraining shards (`ptx_data`); every
-            token of a window is a target, weighted like a reply token. Under torchrun each process adds its
-            share, rounded from its own batch.
-        ptx_data: a `prepare` output folder written with the model's tokenizer, needed with `ptx_fraction`.
-        select_by: which evaluation picks the exported checkpoint: "loss" (lowest validation loss) or
-            "labeler" (highest labeler score of greedy replies to held-out world prompts; needs `world`).
-        world: a world folder (`instructgpt world`), for `select_by labeler`.
-        select_prompts: held-out world prompts the labeler judges at each evaluation.
-        select_max_new_tokens: longest greedy reply to a selection prompt.
-        eval_interval: evaluate every this many steps (default: once per epoch, at least 4 times a run).
-        checkpoint_interval: resumable checkpoint every this many steps (default: at each evaluation).
-        log_interval: metrics every this many steps.
-        seed: seeds the validation split, the data order, dropout and the pretraining windows.
-        device: auto, cpu, cuda or cuda:N.
-        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16.
-        compile: torch.compile the model (default: on for CUDA, off on CPU).
-        fsdp: under torchrun, shard the model, gradients and optimizer state over the ranks (FSDP2) instead
-            of replicating them (DDP).
-        resume: continue from the latest checkpoint in `out`.
-        skip_invalid: skip malformed records (and report how many) instead of stopping at the first.
-    """
-    t0 = time.time()
-    init, out = Path(init), Path(out)
+    model: nn.Module
+    tok: Tokenizer
+    seq2seq: bool
+    max_length: int
+    trn: list[Encoded]
+    val: list[Encoded]
+    sel: LabelerSelection | None
 
-    # 1. check everything a user can get wrong, and read the data, before anything is written
-    if not init.is_dir():
-        raise UserError(f"--init {init}: no such folder (a pretrain or import-hf output)")
-    if not 0 <= ptx_fraction < 1:
-        raise UserError(f"--ptx-fraction must be in [0, 1), got {ptx_fraction}")
-    if ptx_fraction > 0 and ptx_data is None:
-        raise UserError("--ptx-fraction needs --ptx-data (a folder written by `instructgpt prepare`)")
-    if not 0 <= dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {dropout}")
-    if select_by == "labeler" and world is None:
-        raise UserError("--select-by labeler needs --world (a folder written by `instructgpt world`)")
-    if select_by not in ("loss", "labeler"):
-        raise UserError(f"--select-by must be 'loss' or 'labeler', got {select_by!r}")
-    if select_by == "labeler" and not (Path(world) / "world.json").is_file():
-        raise UserError(f"--world {world}: no world.json (a folder written by `instructgpt world`)")
-    for name, value in (("--eval-interval", eval_interval), ("--checkpoint-interval", checkpoint_interval),
-                        ("--select-prompts", select_prompts), ("--select-max-new-tokens", select_max_new_tokens)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    check_out(out, resume, "SFT")
-    base = read_config(init)
+
+def read_inputs(args: SFTArgs) -> Inputs:
+    """Read and check INIT, the pretraining shards, the data and the world: every error before a file is written."""
+    base = read_config(args.init)
     if base["kind"] not in ("gpt", "seq2seq"):
-        raise UserError(f"{init}: SFT needs a language model, found a {base['kind']!r} checkpoint")
-    tok = Tokenizer.load(init / "tokenizer.json")
+        raise UserError(f"{args.init}: SFT needs a language model, found a {base['kind']!r} checkpoint")
+    tok = Tokenizer.load(args.init / "tokenizer.json")
     if tok.vocab_size > base["model"]["vocab_size"]:
-        raise UserError(f"{init}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+        raise UserError(f"{args.init}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
                         f"{base['model']['vocab_size']}")
-    if ptx_data is not None and ptx_fraction > 0:
-        read_meta(Path(ptx_data))
-        check_same_tokenizer(tok, Path(ptx_data))
-    examples = load_data(data, skip_invalid)
-    if val_data:
-        trn_ex, val_ex = examples, load_data(val_data, skip_invalid)
+    if args.ptx_data is not None and args.ptx_fraction > 0:
+        read_meta(Path(args.ptx_data))
+        check_same_tokenizer(tok, Path(args.ptx_data))
+    seed = args.train.seed
+    examples = load_data(args.data, args.skip_invalid)
+    if args.val_data:
+        trn_ex, val_ex = examples, load_data(args.val_data, args.skip_invalid)
     else:
-        trn_ex, val_ex = split_val(examples, val_fraction, seed)
-    model = load_model(init)
+        trn_ex, val_ex = split_val(examples, args.val_fraction, seed)
+    model = load_model(args.init)
     cfg = model.config
     seq2seq = isinstance(model, Seq2Seq)
-    if packing and seq2seq:
+    if args.packing and seq2seq:
         raise UserError("--packing is for decoder-only models")
-    max_length = min(max_length or cfg.block_size, cfg.block_size)
+    max_length = min(args.max_length or cfg.block_size, cfg.block_size)
     if max_length < 2:
         raise UserError(f"--max-length must be at least 2, got {max_length}")
     trn = encode_all(tok, trn_ex, max_length, seq2seq, "training data")
     val = encode_all(tok, val_ex, max_length, seq2seq, "validation data") if val_ex else []
     sel = None
-    if select_by == "labeler":
-        sel_prompts, sel_records = selection_prompts(Path(world), select_prompts, seed)
-        sel = LabelerSelection(Labeler.load(world, seed=seed), sel_prompts, sel_records,
-                               min(select_max_new_tokens, cfg.block_size // 2))
+    if args.select_by == "labeler":
+        sel_prompts, sel_records = selection_prompts(Path(args.world), args.select_prompts, seed)
+        sel = LabelerSelection(Labeler.load(args.world, seed=seed), sel_prompts, sel_records,
+                               min(args.select_max_new_tokens, cfg.block_size // 2))
+    return Inputs(model, tok, seq2seq, max_length, trn, val, sel)
 
-    # 2. runtime, schedule, model, optimizer
+
+@dataclass
+class Run:
+    """The training run set up: runtime, resolved schedule, optimizer, data streams, checkpoints, selection."""
+
+    runtime: Runtime
+    tcfg: TrainConfig  # args.train with max_steps and warmup_steps resolved
+    steps_per_epoch: int
+    eval_every: int
+    save_every: int
+    fwd: nn.Module  # what the loop calls: DDP, FSDP or the model itself
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    ptx: PretrainWindows | None
+    n_ptx: int  # pretraining windows per step on this rank
+    ckpt: Checkpointer
+    metric: str  # what picks the exported model: "val_loss" or "labeler_score"
+    selects: bool  # whether anything picks it (False: no validation data, the last step is exported)
+    base_dropout: float  # the dropout of INIT, which the exported config keeps
+
+    @property
+    def total_steps(self) -> int:
+        return self.tcfg.max_steps
+
+
+def set_up(args: SFTArgs, inp: Inputs) -> Run:
+    """Dropout, runtime, the resolved schedule, DDP/FSDP, optimizer, the data order and the pretraining windows."""
+    model, cfg = inp.model, inp.model.config
     base_dropout = cfg.dropout
-    set_dropout(model, dropout)
-    cfg.dropout = dropout
-    tcfg = train.TrainConfig(
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps or 0,
-        max_steps=max_steps or 1, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, device=device,
-        dtype=dtype, compile=compile, log_interval=log_interval, fsdp=fsdp,
-    )
+    set_dropout(model, args.dropout)
+    cfg.dropout = args.dropout
+    # The number of steps depends on the number of processes, which `setup` finds: set up with placeholders
+    # (setup only checks and seeds), then resolve --max-steps and --warmup-steps from the runtime.
+    tcfg = replace(args.train, max_steps=args.train.max_steps or 1, warmup_steps=args.train.warmup_steps or 0)
     runtime = train.setup(tcfg)
-    steps_per_epoch, total_steps = train.epoch_schedule(len(trn), epochs, max_steps, tcfg, runtime)
-    if warmup_steps is None:
-        tcfg.warmup_steps = max(1, round(0.05 * total_steps))
-    eval_every = eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
-    save_every = checkpoint_interval or eval_every
+    steps_per_epoch, total_steps = train.epoch_schedule(len(inp.trn), args.epochs, args.train.max_steps, tcfg,
+                                                        runtime)
+    if args.train.warmup_steps is None:
+        tcfg = replace(tcfg, warmup_steps=max(1, round(0.05 * total_steps)))
+    eval_every = tcfg.eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
     fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
-    sampler = EpochSampler(len(trn), seed)
-    ptx = None
-    n_ptx = 0  # pretraining windows per step on this rank
-    if ptx_fraction > 0:
-        ptx = PretrainWindows(Path(ptx_data), max_length, seed, tok.bos_id if seq2seq else None, tok.pad_id)
-        n_ptx = max(1, round(batch_size * grad_accum * ptx_fraction / (1 - ptx_fraction)))
+    sampler = EpochSampler(len(inp.trn), tcfg.seed)
+    ptx, n_ptx = None, 0
+    if args.ptx_fraction > 0:
+        ptx = PretrainWindows(Path(args.ptx_data), inp.max_length, tcfg.seed, inp.tok.bos_id if inp.seq2seq else None,
+                              inp.tok.pad_id)
+        n_ptx = max(1, round(tcfg.batch_size * tcfg.grad_accum * args.ptx_fraction / (1 - args.ptx_fraction)))
+    return Run(runtime, tcfg, steps_per_epoch, eval_every, tcfg.checkpoint_interval or eval_every, fwd, optimizer,
+               sampler, ptx, n_ptx, Checkpointer(args.out, keep_last=tcfg.keep_last),
+               "labeler_score" if inp.sel is not None else "val_loss", inp.sel is not None or bool(inp.val),
+               base_dropout)
 
-    metric = "labeler_score" if sel is not None else "val_loss"
-    better = (lambda a, b: a > b) if sel is not None else (lambda a, b: a < b)
-    selects = sel is not None or bool(val)
-    ckpt = Checkpointer(out, keep_last=2)
-    step, best = 0, {"metric": metric, "value": None, "step": 0}
 
-    def say(message: str) -> None:
-        if runtime.is_main:
-            print(message)
+def say(run: Run, message: str) -> None:
+    if run.runtime.is_main:
+        print(message)
 
-    if resume and (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
+
+def restore(args: SFTArgs, inp: Inputs, run: Run) -> tuple[int, dict]:
+    """(step, best evaluation so far): from the latest checkpoint with --resume, else the start."""
+    step, best = 0, {"metric": run.metric, "value": None, "step": 0}
+    if args.train.resume and (latest := run.ckpt.latest()) is not None:
+        state = run.ckpt.load(latest, {"model": inp.model}, {"optimizer": run.optimizer})
         step, best = state["step"], state["best"]
-        sampler.restore(state["sampler"])
-        if ptx:
-            ptx.restore(state["ptx"])
-        say(f"sft: resumed from {latest} at step {step}")
-        if step >= total_steps and (out / DONE).is_file():
-            say(f"sft: {out} is complete ({step} steps): nothing to do")
-            return
-    (out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
-    out.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main)
+        run.sampler.restore(state["sampler"])
+        if run.ptx:
+            run.ptx.restore(state["ptx"])
+        say(run, f"sft: resumed from {latest} at step {step}")
+    return step, best
 
-    def save_state(step: int) -> None:
-        state = {"step": step, "best": best, "sampler": sampler.state()}
-        if ptx:
-            state["ptx"] = ptx.state()
-        ckpt.save(step, {"model": model}, {"optimizer": optimizer}, state, extra_config={"stage": "sft"})
 
-    W = runtime.world_size
-    say(f"sft: {len(trn)} training and {len(val)} validation examples, {total_steps} steps of "
-        f"{batch_size * grad_accum * W} examples{f' + {n_ptx * W} pretraining windows' if ptx else ''} "
-        f"({total_steps / steps_per_epoch:.2f} epochs) on {runtime.device}{f' x {W} processes' if W > 1 else ''}; "
-        f"the exported model is chosen by {metric if selects else 'nothing (no validation data): the last step'}")
+def save_state(inp: Inputs, run: Run, step: int, best: dict) -> None:
+    state = {"step": step, "best": best, "sampler": run.sampler.state()}
+    if run.ptx:
+        state["ptx"] = run.ptx.state()
+    run.ckpt.save(step, {"model": inp.model}, {"optimizer": run.optimizer}, state, extra_config={"stage": "sft"})
 
-    # 3. the loop (with the validation loss of the initial model first, as a baseline). Every rank draws the
-    #    step's global batch and keeps its slice; every rank evaluates on the whole validation set (and the
-    #    same selection prompts), so all of them agree on the best checkpoint.
-    if step == 0 and val:
-        log.write({"step": 0, "val_loss": mean_loss(model, val, tok.pad_id, batch_size, runtime)})
-    progress = train.Progress(total_steps, "sft", start=step)
+
+def announce(inp: Inputs, run: Run) -> None:
+    W, tcfg = run.runtime.world_size, run.tcfg
+    ptx = f" + {run.n_ptx * W} pretraining windows" if run.ptx else ""
+    procs = f" x {W} processes" if W > 1 else ""
+    chosen = run.metric if run.selects else "nothing (no validation data): the last step"
+    say(run, f"sft: {len(inp.trn)} training and {len(inp.val)} validation examples, {run.total_steps} steps of "
+        f"{tcfg.batch_size * tcfg.grad_accum * W} examples{ptx} ({run.total_steps / run.steps_per_epoch:.2f} "
+        f"epochs) on {run.runtime.device}{procs}; the exported model is chosen by {chosen}")
+
+
+def train_loop(args: SFTArgs, inp: Inputs, run: Run, log: train.MetricsLog, step: int, best: dict) -> tuple[int, dict]:
+    """Train from `step` to the end; returns the last step and the best evaluation.
+
+    The validation loss of the initial model comes first, as a baseline. Every rank draws the step's global batch
+    and keeps its slice; every rank evaluates on the whole validation set (and the same selection prompts), so
+    all of them agree on the best checkpoint."""
+    runtime, tcfg, model, tok, W = run.runtime, run.tcfg, inp.model, inp.tok, run.runtime.world_size
+    bs, total = tcfg.batch_size, run.total_steps
+    better = (lambda a, b: a > b) if inp.sel is not None else (lambda a, b: a < b)
+    if step == 0 and inp.val:
+        log.write({"step": 0, "val_loss": mean_loss(model, inp.val, tok.pad_id, bs, runtime)})
+    progress = train.Progress(total, "sft", start=step)
     model.train()
-    while step < total_steps:
+    while step < total:
         micro = []
-        for _ in range(grad_accum):
-            items = [trn[i] for i in rank_rows(sampler.take(batch_size * W), runtime)]
-            micro.append(to_device(make_batch(items, tok.pad_id, packing, max_length), runtime.device))
-        for i in range(0, n_ptx, batch_size):
-            windows = ptx.batch(W * min(batch_size, n_ptx - i))
+        for _ in range(tcfg.grad_accum):
+            items = [inp.trn[i] for i in rank_rows(run.sampler.take(bs * W), runtime)]
+            micro.append(to_device(make_batch(items, tok.pad_id, args.packing, inp.max_length), runtime.device))
+        for i in range(0, run.n_ptx, bs):
+            windows = run.ptx.batch(W * min(bs, run.n_ptx - i))
             micro.append(to_device(rank_rows(windows, runtime), runtime.device))
-        stats = train.train_step(fwd, optimizer, micro, sft_loss_sum, n_targets, tcfg, runtime, step)
+        stats = train.train_step(run.fwd, run.optimizer, micro, sft_loss_sum, n_targets, tcfg, runtime, step)
         step += 1
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **stats}
-        if step % eval_every == 0 or step == total_steps:
-            if val:
-                row["val_loss"] = mean_loss(model, val, tok.pad_id, batch_size, runtime)
-            if sel is not None:
-                row["labeler_score"] = labeler_score(model, tok, sel, batch_size)
-            if selects and (best["value"] is None or better(row[metric], best["value"])):
-                best = {"metric": metric, "value": row[metric], "step": step}
-                ckpt.save_best(model, best)
+        row = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), **stats}
+        if step % run.eval_every == 0 or step == total:
+            if inp.val:
+                row["val_loss"] = mean_loss(model, inp.val, tok.pad_id, bs, runtime)
+            if inp.sel is not None:
+                row["labeler_score"] = labeler_score(model, tok, inp.sel, bs)
+            if run.selects and (best["value"] is None or better(row[run.metric], best["value"])):
+                best = {"metric": run.metric, "value": row[run.metric], "step": step}
+                run.ckpt.save_best(model, best)
             progress.print(f"step {step}: loss {stats['loss']:.4f}"
                            + "".join(f", {k} {row[k]:.4f}" for k in ("val_loss", "labeler_score") if k in row))
-        if step % log_interval == 0 or step % eval_every == 0 or step == total_steps:
+        if step % tcfg.log_interval == 0 or step % run.eval_every == 0 or step == total:
             log.write(row)  # before the checkpoint, which keeps the rows up to its step on resume
-        if step % save_every == 0 or step == total_steps:
-            save_state(step)
+        if step % run.save_every == 0 or step == total:
+            save_state(inp, run, step, best)
         progress.update(step, stats)
     progress.close()
+    return step, best
 
-    # 4. choose and export the model (with the dropout of `init` in its config), then the completion marker
-    final = ckpt.best_model_path() if selects else None
-    if final is not None:
-        model = load_model(final)
-    model.config.dropout = base_dropout
-    ckpt.export(model, extra={"stage": "sft", "selected_by": metric if selects else "last",
-                              "selected_step": best["step"] if selects else step, "sft_dropout": dropout})
-    if not runtime.is_main:
-        return
-    summary = {"stage": "sft", "steps": step, "examples": len(trn), "val_examples": len(val),
-               "selected_by": metric if selects else "last", "selected_step": best["step"] if selects else step,
-               "best": best["value"] if selects else None, "seconds": round(time.time() - t0, 2)}
-    write_done(out, summary, tokenizer_from=init)
-    print(json.dumps(summary))
+
+def finish(args: SFTArgs, inp: Inputs, run: Run, step: int, best: dict, t0: float) -> dict:
+    """Export the chosen model (with the dropout of INIT in its config), then the completion marker."""
+    final = run.ckpt.best_model_path() if run.selects else None
+    model = load_model(final) if final is not None else inp.model
+    model.config.dropout = run.base_dropout
+    selected_by = run.metric if run.selects else "last"
+    selected_step = best["step"] if run.selects else step
+    run.ckpt.export(model, extra={"stage": "sft", "selected_by": selected_by, "selected_step": selected_step,
+                                  "sft_dropout": args.dropout})
+    summary = {"stage": "sft", "steps": step, "examples": len(inp.trn), "val_examples": len(inp.val),
+               "selected_by": selected_by, "selected_step": selected_step,
+               "best": best["value"] if run.selects else None, "seconds": round(time.time() - t0, 2)}
+    if run.runtime.is_main:
+        write_done(args.out, summary, tokenizer_from=args.init)
+        print(json.dumps(summary))
+    return summary
+
+
+def sft_command(args: SFTArgs) -> dict:
+    """Supervised fine-tuning on demonstrations (any instruction format the readers accept).
+
+    Fine-tunes --init on --data and exports to --out the checkpoint that --select-by chooses."""
+    # returns the summary written to OUT/done.json (the finished run's, when --resume finds nothing to do)
+    t0 = time.time()
+
+    # 1. check everything a user can get wrong, and read the data, before anything is written
+    check_args(args)
+    inp = read_inputs(args)
+
+    # 2. runtime, schedule, model, optimizer
+    run = set_up(args, inp)
+
+    # 3. resume, or start the run's files (a finished run with nothing left to do keeps its own)
+    step, best = restore(args, inp, run)
+    if step >= run.total_steps and (args.out / DONE).is_file():
+        say(run, f"sft: {args.out} is complete ({step} steps): nothing to do")
+        return read_done(args.out)
+    (args.out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
+    args.out.mkdir(parents=True, exist_ok=True)
+    if run.runtime.is_main:
+        write_args(args.out, args)
+    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=run.runtime.is_main,
+                           report_to=run.tcfg.report_to, stage="sft", config=to_dict(args))
+    announce(inp, run)
+
+    # 4. the loop
+    step, best = train_loop(args, inp, run, log, step, best)
+    log.close()
+
+    # 5. choose and export the model, then the completion marker
+    return finish(args, inp, run, step, best, t0)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .distributed import Runtime, init_runtime, is_sharded, rank_and_world, unwrap
 from .errors import UserError
+from .trackers import ReportTo, open_tracker
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration and runtime
@@ -44,14 +45,17 @@ from .errors import UserError
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, device and bookkeeping of one training stage."""
+    """Optimisation, schedule, device and bookkeeping of one training stage: the settings every training
+    stage shares, nested in each stage's arguments, so that a flag means the same thing in every command.
+    A stage sets its own defaults (`field(default_factory=lambda: TrainConfig(lr=...))`); fields that may be
+    None are resolved by the stage (its docstring says how) before `setup`."""
 
-    batch_size: int = 16  # sequences per micro-batch (per rank)
+    batch_size: int = 16  # sequences (examples, prompts or pairs) per micro-batch and process
     grad_accum: int = 1  # micro-batches per optimizer step (each step sees batch_size * grad_accum * ranks)
     lr: float = 3e-4  # peak learning rate, reached at the end of warm-up
     min_lr: float | None = None  # floor of the cosine decay, reached at max_steps; None means lr / 10
-    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr over this many steps
-    max_steps: int = 1000  # optimizer steps in the whole run (the cosine ends here)
+    warmup_steps: int | None = 100  # linear warm-up from lr / warmup_steps to lr; None: the stage computes it
+    max_steps: int | None = 1000  # optimizer steps in the whole run (the cosine ends here); None: from epochs
     weight_decay: float = 0.1  # AdamW decoupled decay, only on matrices (not norms, biases, embeddings)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay (0.99 suits small models and small batches)
@@ -60,11 +64,13 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or auto = cuda if available else cpu
     dtype: str = "auto"  # "float32" or "bfloat16" (autocast); auto = bfloat16 on CUDA, float32 on CPU
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU
-    eval_interval: int = 250  # evaluate every this many steps (and at the end)
-    log_interval: int = 10  # log metrics (and sync the device for the loss) every this many steps
-    checkpoint_interval: int = 500  # save a resumable checkpoint every this many steps (and at the end)
-    keep_last: int = 2  # keep this many step checkpoints; older ones are deleted (0 keeps all)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over ranks (FSDP2), not DDP
+    eval_interval: int | None = None  # evaluate every this many steps (and at the end); None: the stage's default
+    log_interval: int = 10  # log metrics (and sync the device for the loss) every this many steps
+    checkpoint_interval: int | None = None  # resumable checkpoint every this many steps (and at the end)
+    keep_last: int = 2  # keep this many step checkpoints; older ones are deleted (0 keeps all)
+    resume: bool = False  # continue the run in --out from its latest checkpoint (or keep a finished one)
+    report_to: ReportTo = "none"  # also send the metrics.jsonl rows to tensorboard, wandb or trackio
 
     @property
     def final_lr(self) -> float:
@@ -76,14 +82,16 @@ class TrainConfig:
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.min_lr is None or 0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0,
+             f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}"),
-            (self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}"),
+            (self.eval_interval is None or self.eval_interval >= 1,
+             f"--eval-interval must be at least 1, got {self.eval_interval}"),
             (self.log_interval >= 1, f"--log-interval must be at least 1, got {self.log_interval}"),
-            (self.checkpoint_interval >= 1,
+            (self.checkpoint_interval is None or self.checkpoint_interval >= 1,
              f"--checkpoint-interval must be at least 1, got {self.checkpoint_interval}"),
             (self.keep_last >= 0, f"--keep-last must be >= 0, got {self.keep_last}"),
             (self.dtype in ("auto", "float32", "bfloat16"),
@@ -95,8 +103,11 @@ class TrainConfig:
 
 
 def setup(cfg: TrainConfig) -> Runtime:
-    """Check the recipe, then `distributed.init_runtime`: device, dtype, seeds, threads, process group."""
+    """Check the recipe, then `distributed.init_runtime`: device, dtype, seeds, threads, process group. The
+    stage has resolved max_steps and warmup_steps (`dataclasses.replace(args.train, max_steps=...)`)."""
     cfg.validate()
+    if cfg.max_steps is None or cfg.warmup_steps is None:
+        raise ValueError("setup: resolve max_steps and warmup_steps before the run starts")
     return init_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.compile, cfg.fsdp)
 
 
@@ -249,11 +260,16 @@ class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per logged step. On resume from step S, lines with step > S
     (logged after the checkpoint by the run that stopped) and any torn last line are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True,
+                 report_to: str = "none", stage: str = "", config: dict | None = None):
+        """report_to: also send every row to this tracker (`trackers.open_tracker`, main rank only), with the
+        run's resolved arguments `config`; call close() at the end of the stage."""
         self.path = Path(path)
         self.enabled = enabled
+        self.tracker = None
         if not enabled:
             return
+        self.tracker = open_tracker(report_to, self.path.parent, stage or self.path.parent.name, config)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.is_file():
@@ -274,6 +290,8 @@ class MetricsLog:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def write(self, row: dict) -> None:
         """Log a row that carries its own "step"."""
@@ -281,9 +299,21 @@ class MetricsLog:
         self.log(int(row.pop("step")), **row)
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
+
+    def close(self) -> None:
+        """End the tracker's run (flushes tensorboard, finishes wandb/trackio); metrics.jsonl needs nothing."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _jsonable(v: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .world import WorldSizes, write_world
+from .corpus import WorldSizes, write_world
 
 
 def world_command(

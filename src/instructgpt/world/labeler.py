@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .world import (
-    _FACT_ANSWERS,
     CATEGORIES,
     COMPLIANCE,
+    FACT_ANSWERS,
     FAMILIES,
     JOBS,
     LANDMARKS,
@@ -305,7 +305,7 @@ class Labeler:
 
     # -------------------------------------------------------------------------------------- noisy choices
 
-    def _rng(self, prompt: dict, responses: list[str], ended: list[bool] | None) -> random.Random:
+    def seeded_rng(self, prompt: dict, responses: list[str], ended: list[bool] | None) -> random.Random:
         key = json.dumps([self.seed, prompt.get("id"), prompt["prompt"], responses, ended]).encode()
         return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
@@ -316,7 +316,7 @@ class Labeler:
         flags = ended if ended is not None else [True] * len(responses)
         scores = [self.score(prompt, r, e).total for r, e in zip(responses, flags)]
         if self.noise > 0:
-            rng = self._rng(prompt, responses, ended)
+            rng = self.seeded_rng(prompt, responses, ended)
             scores = [s + self.noise * _gumbel(rng) for s in scores]
         return sorted(range(len(responses)), key=lambda i: -scores[i])
 
@@ -329,7 +329,7 @@ class Labeler:
         if self.noise == 0:
             return 1.0 if d > 0 else 0.0 if d < 0 else 0.5
         # The pairwise marginal of Gumbel-perturbed ranking: P(a over b) = sigmoid(d / noise).
-        u = self._rng(prompt, [a, b], ended).random()
+        u = self.seeded_rng(prompt, [a, b], ended).random()
         return 1.0 if u < 1 / (1 + math.exp(-d / self.noise)) else 0.0
 
 
@@ -391,12 +391,12 @@ def wrong_answer(world: World, prompt: dict, rng: random.Random) -> str:
     if fam == "repeat":
         return " ".join([m["word"]] * (m["n"] + rng.choice([-1, 1]))) + "."
     if fam in ("fact", "unknown"):
-        attr = m["attribute"] if m["attribute"] in _FACT_ANSWERS else rng.choice(["town", "colour", "job"])
+        attr = m["attribute"] if m["attribute"] in FACT_ANSWERS else rng.choice(["town", "colour", "job"])
         pool = {"town": list(world.towns), "colour": CATEGORIES["colours"], "food": CATEGORIES["foods"],
                 "job": JOBS, "pet": CATEGORIES["animals"], "landmark": LANDMARKS,
                 "age": list(range(6, 91))}[attr]
         v = rng.choice([x for x in pool if str(x).lower() != str(m.get("answer", "")).lower()])
-        return _FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(str(v)))
+        return FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(str(v)))
     if fam == "harmful":
         return rng.choice(COMPLIANCE)
     if fam == "benign_edgy":

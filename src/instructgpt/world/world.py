@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +49,7 @@ CATEGORIES: dict[str, list[str]] = {
               "mallet", "nail", "needle", "net", "pick", "pliers", "rake", "rope", "saw", "scythe", "shears",
               "shovel", "sickle", "spade", "tongs", "trowel", "wrench"],
 }
-_ALL_WORDS = sorted({w for ws in CATEGORIES.values() for w in ws})
+ALL_WORDS = sorted({w for ws in CATEGORIES.values() for w in ws})
 JOBS = ["baker", "farmer", "smith", "miller", "weaver", "fisher", "potter", "tailor", "guard", "healer",
         "hunter", "cook", "builder", "painter"]
 PETS = ["cat", "dog", "goat", "owl", "frog", "hen", "pig", "duck", "mouse", "rabbit", "toad", "crow", "pony"]
@@ -178,7 +175,7 @@ class World:
         return cls.from_dict(json.loads((Path(world_dir) / "world.json").read_text()))
 
 
-def _rng(seed: int, *parts: object) -> random.Random:
+def seeded_rng(seed: int, *parts: object) -> random.Random:
     """A generator seeded from the seed and a purpose, stable across Python runs (unlike hash())."""
     key = "/".join(str(p) for p in (seed, *parts)).encode()
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
@@ -194,7 +191,7 @@ _NOT_NAMES = {"bata", "beta", "data", "demo", "diva", "gala", "kilo", "lama", "l
 
 def _is_invented(name: str) -> bool:
     low = name.lower()
-    return not (low.endswith("e") or low in _NOT_NAMES or low in _ALL_WORDS or low[:2] == low[2:4])
+    return not (low.endswith("e") or low in _NOT_NAMES or low in ALL_WORDS or low[:2] == low[2:4])
 
 
 def _name(rng: random.Random, syllables: int) -> str:
@@ -212,7 +209,7 @@ def all_sums() -> list[tuple[str, int, int]]:
     return out
 
 
-_SUMS = all_sums()
+SUMS = all_sums()
 
 
 def solve(op: str, a: int, b: int) -> int:
@@ -221,7 +218,7 @@ def solve(op: str, a: int, b: int) -> int:
 
 def build_world(seed: int = 0, n_people: int = 48, n_towns: int = 8, n_heldout_people: int = 10) -> World:
     """The facts of the world for a seed: people, towns, and which items evaluation holds out."""
-    rng = _rng(seed, "facts")
+    rng = seeded_rng(seed, "facts")
     names: set[str] = set()
 
     def fresh(syllables: tuple[int, ...]) -> str:
@@ -247,7 +244,7 @@ def build_world(seed: int = 0, n_people: int = 48, n_towns: int = 8, n_heldout_p
     ]
     ghosts = [fresh((2, 3)) for _ in range(24)]
     heldout_people = sorted(rng.sample([p.name for p in people], n_heldout_people))
-    words = sorted(_ALL_WORDS)
+    words = sorted(ALL_WORDS)
     heldout_words = sorted(rng.sample(words, len(words) // 5))
     sums = all_sums()
     heldout_sums = sorted(rng.sample(sums, len(sums) * 15 // 100))
@@ -257,131 +254,6 @@ def build_world(seed: int = 0, n_people: int = 48, n_towns: int = 8, n_heldout_p
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
-
-_FACT_PROSE = {
-    "town": ["{n} lives in {v}.", "{n} has a house in {v}.", "{n} was born in {v} and never left.",
-             "Everyone in {v} knows {n}."],
-    "colour": ["{n}'s favourite colour is {v}.", "{n} loves the colour {v}.", "{n} always wears {v}.",
-               "Of all colours, {n} likes {v} the most."],
-    "food": ["{n}'s favourite food is {v}.", "{n} eats {v} every day.", "Nothing makes {n} happier than {v}.",
-             "For supper {n} always wants {v}."],
-    "job": ["{n} is {a} {v}.", "{n} works as {a} {v}.", "By trade, {n} is {a} {v}.",
-            "Every morning {n} goes to work as {a} {v}."],
-    "pet": ["{n} has a pet {v}.", "{n} keeps {a} {v} at home.", "{n} takes care of {a} {v}.",
-            "The {v} that lives with {n} is a good pet."],
-    "age": ["{n} is {v} years old.", "{n} is {w} years old.", "{n} turned {v} this year.",
-            "{n} has lived for {w} years."],
-}
-
-
-def fact_sentence(rng: random.Random, p: Person, attribute: str) -> str:
-    v = getattr(p, attribute)
-    words = number_words(v) if attribute == "age" else ""
-    a = article(str(v))
-    return rng.choice(_FACT_PROSE[attribute]).format(n=p.name, v=v, w=words, a=a)
-
-
-def _profile(rng: random.Random, p: Person, all_attributes: bool = False) -> str:
-    attrs = list(ATTRIBUTES) if all_attributes else rng.sample(ATTRIBUTES, rng.randint(3, 5))
-    rng.shuffle(attrs)
-    return " ".join(fact_sentence(rng, p, a) for a in attrs)
-
-
-def _town_doc(rng: random.Random, world: World, town: str) -> str:
-    folk = [p.name for p in world.people if p.town == town]
-    by = world.towns[town]
-    lines = [rng.choice([f"{town} lies by the {by}.", f"The town of {town} is by the {by}.",
-                         f"If you walk to the {by}, you will find {town}."])]
-    if folk:
-        rng.shuffle(folk)
-        lines.append(rng.choice([f"The people of {town} include {join_list(folk[:5])}.",
-                                 f"In {town} live {join_list(folk[:5])}."]))
-    return " ".join(lines)
-
-
-def _story(rng: random.Random, world: World) -> str:
-    a, b = rng.sample(world.people, 2)
-    by = world.towns[a.town]
-    walk = f"across {a.town}" if a.town == b.town else f"from {a.town} to {b.town}"
-    stories = [
-        f"One morning {a.name} the {a.job} walked {walk} to visit {b.name}. "
-        f"{a.name} brought some {a.food}, and {b.name} shared some {b.food}. They ate together until dark.",
-        f"{a.name} and {b.name} met at the market in {a.town}. {b.name} wore a {b.colour} coat. "
-        f"{a.name} bought {a.food} and went home to feed the {a.pet}.",
-        f"When {a.name} was {number_words(a.age)}, the {a.pet} ran away. {a.name} looked all over {a.town}. "
-        f"At last {b.name} the {b.job} found it by the {by}.",
-        f"Every day {a.name} the {a.job} works hard in {a.town}. In the evening {a.name} eats {a.food} "
-        f"and sits with the {a.pet} by the {by}.",
-        f"{b.name} the {b.job} lives in {b.town}. {b.name} likes {b.colour} things and {b.food}. "
-        f"{b.name} has {article(b.pet)} {b.pet} and is {b.age} years old.",
-    ]
-    return rng.choice(stories)
-
-
-def _arith_line(rng: random.Random) -> str:
-    op, a, b = rng.choice(_SUMS)
-    c = solve(op, a, b)
-    sym = {"+": "+", "-": "-", "x": "x"}[op]
-    word = {"+": "plus", "-": "minus", "x": "times"}[op]
-    wa, wb, wc = number_words(a), number_words(b), number_words(c)
-    return rng.choice([
-        f"{a} {sym} {b} = {c}.", f"{a} {sym} {b} = {c}.", f"{wa} {word} {wb} is {wc}.",
-        f"{a} {word} {b} makes {c}.", f"{wa.capitalize()} {word} {wb} equals {wc}.",
-    ])
-
-
-
-def _word_line(rng: random.Random) -> str:
-    w = rng.choice(_ALL_WORDS)
-    n = rng.randint(2, 5)
-    k = len(w)
-    return rng.choice([
-        f"The word {w} backwards is {w[::-1]}.", f"Spelled backwards, {w} is {w[::-1]}.",
-        f"The word {w} has {k} letters.", f"{w.capitalize()} has {number_words(k)} letters.",
-        f"{w} in capitals is {w.upper()}.", f"In big letters, {w} is written {w.upper()}.",
-        f"Say {w} {number_words(n)} times: {' '.join([w] * n)}.",
-    ])
-
-
-def _list_line(rng: random.Random) -> str:
-    cat = rng.choice(list(CATEGORIES))
-    items = rng.sample(CATEGORIES[cat], rng.randint(3, 6))
-    mixed = rng.sample(_ALL_WORDS, rng.randint(3, 6))
-    return rng.choice([
-        f"Some {cat}: {join_list(items)}.",
-        f"In order from a to z: {join_list(sorted(mixed))}.",
-        f"Sorted, the words {join_list(mixed)} become {join_list(sorted(mixed))}.",
-        f"{join_list(items)}: that is {number_words(len(items))} {cat}.",
-        f"{cat.capitalize()} that start with {items[0][0]}: "
-        f"{join_list([w for w in CATEGORIES[cat] if w[0] == items[0][0]])}.",
-    ])
-
-
-def _document(rng: random.Random, world: World) -> str:
-    kind = rng.choices(["profile", "story", "town", "arith", "words", "lists"], [30, 15, 5, 20, 20, 10])[0]
-    if kind == "profile":
-        return _profile(rng, rng.choice(world.people))
-    if kind == "story":
-        return _story(rng, world)
-    if kind == "town":
-        return _town_doc(rng, world, rng.choice(list(world.towns)))
-    line = {"arith": _arith_line, "words": _word_line, "lists": _list_line}[kind]
-    return " ".join(line(rng) for _ in range(rng.randint(3, 8)))
-
-
-def generate_corpus(world: World, n_chars: int, seed: int) -> str:
-    """Documents separated by blank lines. It opens with every fact of every person and town once, so the
-    corpus states all of them however small it is; then random documents up to `n_chars`."""
-    rng = _rng(seed, "corpus")
-    docs = [_profile(rng, p, all_attributes=True) for p in world.people]
-    docs += [_town_doc(rng, world, t) for t in world.towns]
-    rng.shuffle(docs)
-    total = sum(len(d) + 2 for d in docs)
-    while total < n_chars:
-        d = _document(rng, world)
-        docs.append(d)
-        total += len(d) + 2
-    return "\n\n".join(docs) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -402,7 +274,7 @@ _FACT_QUESTIONS = {
     "pet": ["What animal does {n} keep as a pet?", "What kind of pet does {n} have?"],
     "age": ["How many years old is {n}?", "What is the age of {n}?"],
 }
-_FACT_ANSWERS = {
+FACT_ANSWERS = {
     "town": "{n} lives in {v}.", "colour": "{n}'s favourite colour is {v}.",
     "food": "{n}'s favourite food is {v}.", "job": "{n} is {a} {v}.", "pet": "{n} has a pet {v}.",
     "age": "{n} is {v} years old.", "landmark": "{n} lies by the {v}.",
@@ -452,7 +324,7 @@ def sample_prompt(world: World, family: str, rng: random.Random, heldout: bool =
     people = [p for p in world.people if (p.name in held_people) == heldout]
     if family == "arithmetic":
         while True:
-            op, a, b = rng.choice(_SUMS)
+            op, a, b = rng.choice(SUMS)
             if world.is_heldout_sum(op, a, b) == heldout:
                 break
         text = rng.choice(_ARITH_TEMPLATES[op]).format(a=a, b=b)
@@ -552,7 +424,7 @@ def demonstrate(world: World, prompt: dict) -> str:
         return " ".join([m["word"]] * m["n"]) + "."
     if fam == "fact":
         v = m["answer"]
-        return _FACT_ANSWERS[m["attribute"]].format(n=m["entity"], v=v, a=article(str(v)))
+        return FACT_ANSWERS[m["attribute"]].format(n=m["entity"], v=v, a=article(str(v)))
     if fam == "unknown":
         return NOT_KNOWN
     if fam == "harmful":
@@ -614,7 +486,7 @@ def write_demonstration(world: World, prompt: dict, rng: random.Random) -> tuple
             return demo, None
         attr = rng.choice(["town", "colour", "job"])
         v = rng.choice({"town": sorted(world.towns), "colour": CATEGORIES["colours"], "job": JOBS}[attr])
-        return _FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(v)), "made_up"
+        return FACT_ANSWERS[attr].format(n=m["entity"], v=v, a=article(v)), "made_up"
     if fam == "harmful":
         return (rng.choice(COMPLIANCE), "complies") if rng.random() < DEMO_HABITS["complies"] else (demo, None)
     if rng.random() < DEMO_HABITS["padding"]:
@@ -626,7 +498,7 @@ def make_prompts(world: World, split: str, n: int, seed: int) -> list[dict]:
     """`n` prompt records for a split, the families in turn; evaluation prompts draw held-out content and
     are distinct from each other where the content allows."""
     heldout = split == "eval"
-    rng = _rng(seed, "prompts", split)
+    rng = seeded_rng(seed, "prompts", split)
     out, seen = [], set()
     for i in range(n):
         family = FAMILIES[i % len(FAMILIES)]
@@ -644,72 +516,3 @@ def make_prompts(world: World, split: str, n: int, seed: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-@dataclass
-class WorldSizes:
-    corpus_chars: int = 3_000_000      # pretraining text, about 3 MB
-    n_sft: int = 2000                  # demonstrations
-    n_rm: int = 2000                   # prompts for collecting comparisons
-    n_rl: int = 2000                   # prompts for PPO
-    n_eval: int = 400                  # held-out prompts
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-
-
-def write_world(out: str | Path, seed: int = 0, sizes: WorldSizes | None = None, demo_habits: bool = True
-                ) -> dict:
-    """Generate the whole world into the folder `out` (which must not exist or be empty) and return
-    statistics. The folder is built beside `out` under a temporary name and renamed at the end."""
-    sizes = sizes or WorldSizes()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        from ..errors import UserError
-
-        raise UserError(f"{out} exists and is not an empty folder; choose a new --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    world = build_world(seed)
-    world.sizes = asdict(sizes)
-    corpus = generate_corpus(world, sizes.corpus_chars, seed)
-    heldout_corpus = generate_corpus(world, max(1, sizes.corpus_chars // 20), seed + 1_000_003)
-    sft = make_prompts(world, "sft", sizes.n_sft, seed)
-    writers = _rng(seed, "demonstration writers")
-    for r in sft:
-        r["completion"], r["habit"] = write_demonstration(world, r, writers) if demo_habits else (
-            demonstrate(world, r), None)
-        r["messages"] = [{"role": "user", "content": r["prompt"]},
-                         {"role": "assistant", "content": r["completion"]}]
-    splits = {
-        "sft_train.jsonl": sft,
-        "prompts_rm.jsonl": make_prompts(world, "rm", sizes.n_rm, seed),
-        "prompts_rl.jsonl": make_prompts(world, "rl", sizes.n_rl, seed),
-        "prompts_eval.jsonl": make_prompts(world, "eval", sizes.n_eval, seed),
-    }
-    stats = {
-        "corpus_chars": len(corpus), "corpus_documents": corpus.count("\n\n") + 1,
-        "corpus_words": len(corpus.split()), "corpus_distinct_words": len(set(corpus.split())),
-        "heldout_corpus_chars": len(heldout_corpus),
-        **{name: len(recs) for name, recs in splits.items()},
-        "demo_habits": {h: sum(r["habit"] == h for r in sft) for h in DEMO_HABITS} if demo_habits else None,
-    }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write_text(tmp / "corpus.txt", corpus)
-        _write_text(tmp / "corpus_heldout.txt", heldout_corpus)
-        for name, recs in splits.items():
-            _write_text(tmp / name, _jsonl(recs))
-        _write_text(tmp / "world.json", json.dumps({**world.to_dict(), "stats": stats}, indent=1) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return stats
