@@ -4,9 +4,11 @@ import sys
 import types
 
 import pytest
+import torch
 
 from instructgpt.errors import UserError
 from instructgpt.trackers import open_tracker, scalars
+from instructgpt.train import MetricsLog
 
 ROWS = [
     {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens": 512},
@@ -124,3 +126,23 @@ def test_import_pulls_in_no_backend():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_stages_metrics_log_sends_its_rows_to_the_tracker(tmp_path, monkeypatch):
+    """What a stage logs with --report-to goes to the tracker with metrics.jsonl's names and steps, from the
+    main rank only, and the run is finished when the log is closed (after a resume, too)."""
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)),
+                                 log=lambda values, step: calls.append(("log", step, values)),
+                                 finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = MetricsLog(tmp_path / "sft" / "metrics.jsonl", report_to="wandb", stage="sft", config={"lr": 0.1})
+    log.write({"step": 1, "loss": 2.5, "lr": 0.1})
+    log.log(2, loss=torch.tensor(2.0), note="text")
+    log.close()
+    assert calls[0][0] == "init" and calls[0][1]["config"] == {"lr": 0.1}
+    assert calls[1:] == [("log", 1, {"loss": 2.5, "lr": 0.1}), ("log", 2, {"loss": 2.0}), ("finish",)]
+    assert [r["step"] for r in log.read()] == [1, 2]
+    calls.clear()
+    MetricsLog(tmp_path / "other" / "metrics.jsonl", enabled=False, report_to="wandb").log(1, loss=1.0)
+    assert calls == []  # ranks other than 0 neither write nor report
