@@ -137,7 +137,8 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "instructgpt.cli", "serve", str(model), "--host", "127.0.0.1", "--port",
                str(port), "--device", args.device, "--max-batch-size", str(args.max_batch_size),
-               "--batch-wait-ms", str(args.batch_wait_ms), "--max-n", str(min(8, args.max_batch_size))]
+               "--batch-wait-ms", str(args.batch_wait_ms), "--max-n", str(min(8, args.max_batch_size)),
+               "--max-queued-rows", str(max(256, args.max_batch_size))]
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         try:
             while True:

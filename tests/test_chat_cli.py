@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from rich.console import Console
 from test_serve import train_tiny_chat_model
 
 import instructgpt.chat_cli as chat_cli
 from instructgpt.chat import render_prompt
-from instructgpt.chat_cli import chat_command, fit_history, run_chat
+from instructgpt.chat_cli import chat_command, fit_history, printable, run_chat
 from instructgpt.checkpoint import load_model
 from instructgpt.cli import main
 from instructgpt.errors import UserError
@@ -55,7 +56,7 @@ def test_chat_answers_keeps_history_and_runs_commands(loaded, monkeypatch):
     monkeypatch.setattr(chat_cli, "stream", spy)
     out = io.StringIO()
     lines = ["hello", "count to five", "/temperature 0.5", "/temperature hot", "/reset", "/system be kind",
-             "/bogus", "/temperature 0", "say goodbye", "/quit", "never read"]
+             "/bogus", "/temperature 1e-40", "say goodbye", "/quit", "never read"]
     history = run_chat(model, tok, SamplingParams(max_new_tokens=24, temperature=0), Console(file=out, width=200),
                        read=scripted(lines))
     text = out.getvalue()
@@ -66,7 +67,8 @@ def test_chat_answers_keeps_history_and_runs_commands(loaded, monkeypatch):
     reply = {"role": "assistant", "content": "hi there! how can I help you today?"}
     # The second turn sees the first exchange, rendered by the one chat template.
     assert prompts[1] == (render_prompt(tok, [hello, reply, {"role": "user", "content": "count to five"}]), 0)
-    # After /reset only the system message and the new turn remain.
+    # After /reset only the system message and the new turn remain; /temperature 1e-40 is too small to divide
+    # by, so the engine is asked for greedy decoding (temperature 0) instead of sampling from inf/nan.
     goodbye = {"role": "user", "content": "say goodbye"}
     assert prompts[2] == (render_prompt(tok, [{"role": "system", "content": "be kind"}, goodbye]), 0)
     assert history[0] == goodbye and len(history) == 2 and history[1]["role"] == "assistant"
@@ -115,3 +117,25 @@ def test_chat_refuses_bad_flags(model_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["chat", str(model_dir), "--top-p", "0", "--device", "cpu"])
     assert e.value.code == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_model_text_cannot_drive_the_terminal(loaded, monkeypatch):
+    """A reply holding escape sequences (clear screen, set the title, overwrite the line) prints without
+    their control characters; newlines and tabs stay."""
+    model, tok = loaded
+    hostile = "a\x1b[2Jb\x1b]0;pwned\x07c\rd\te\nf\x9b31mg\x00\x7fh"
+    assert printable(hostile) == "a[2Jb]0;pwnedcd\te\nf31mgh"
+    ids = tok.encode(hostile) + [tok.eos_id]
+
+    def scripted_stream(model, prompts, params, *args, **kwargs):
+        for t in ids:
+            yield torch.tensor([t]), torch.tensor([0.0]), torch.tensor([True])
+
+    monkeypatch.setattr(chat_cli, "stream", scripted_stream)
+    out = io.StringIO()
+    history = run_chat(model, tok, SamplingParams(max_new_tokens=64, temperature=0), Console(file=out, width=200),
+                       read=scripted(["hi"]))
+    text = out.getvalue()
+    assert "assistant> a[2Jb]0;pwnedcd" in text and "e\nf31mgh\n" in text  # (rich expands the tab)
+    assert not any(c in text for c in "\x1b\x07\r\x9b\x00\x7f")
+    assert history[1]["content"] == hostile  # the conversation keeps what the model said

@@ -119,22 +119,53 @@ def replies(model, tok: Tokenizer, prompts, few_shot: bool, max_new_tokens: int,
 
 
 class TextStream:
-    """Turns one row of generated token ids into text deltas.
+    """Turns one row of generated token ids into text deltas, at a cost per token that does not grow with
+    the reply.
 
-    Byte-level BPE can split a character over several tokens, so a trailing incomplete character is
-    held back; so is a tail that could be the start of a stop string, so that the text sent never has
-    to be taken back. The row ends at the end token or at the first stop string (the text is cut
-    there), with finish reason "stop"; `finish_length()` ends it for running out of tokens.
+    Detokenisation is incremental, as in vLLM and TGI: each token decodes a short window of ids that
+    starts at an earlier point where decoding can restart (`p`, the last boundary but one, so that
+    decoders that treat a first token differently, such as SentencePiece's leading space, see the same
+    context twice and the difference is exact). Byte-level BPE can split a character over several
+    tokens; the window's text up to its trailing U+FFFD characters is final (a lossy UTF-8 decoder only
+    ever revises the one replacement standing for an unfinished character), the rest waits. A window
+    that has not reached a clean end for `max_window` tokens (only a run of invalid bytes does that)
+    restarts at its last token.
+
+    Stop strings are matched with one Knuth-Morris-Pratt automaton each over the new characters only, so
+    the hold-back (the longest tail that could start a stop string) is the automata's state, not a
+    search: the text sent never has to be taken back. The row ends at the end token or at the first stop
+    string (the text is cut where it starts), with finish reason "stop"; `finish_length()` ends it for
+    running out of tokens.
     """
+
+    max_window = 64  # tokens a window may hold without a clean end before it restarts
 
     def __init__(self, tok: Tokenizer, stop: Iterable[str] = ()):
         self.tok = tok
         self.stop = [s for s in stop if s]
+        self._fail = [self._failure(s) for s in self.stop]
+        self._match = [0] * len(self.stop)  # per stop string: its characters that end the text so far
         self.ids: list[int] = []
-        self.text = ""  # decoded so far (cut at a stop string)
-        self.sent = 0  # characters of `text` handed out
+        self._pieces: list[str] = []  # the final text, in the pieces it came in (joined on demand)
+        self._length = 0  # characters in _pieces
+        self._p = 0  # the window: ids[_p:] are decoded at each token
+        self._r = 0  # ids[_p:_r] are context the text already holds
+        self._used = 0  # characters of the window's decoding already in the text
+        self._unsent = ""  # the end of the text not yet handed out (held back for a possible stop string)
         self.n_tokens = 0  # tokens generated, the end token included
         self.finish_reason: str | None = None
+        self._cut: int | None = None  # where a stop string starts, once one is found
+
+    @property
+    def text(self) -> str:
+        """The text so far (cut at a stop string)."""
+        text = "".join(self._pieces)
+        return text if self._cut is None else text[: self._cut]
+
+    @property
+    def length(self) -> int:
+        """Characters of final text so far: where the text of the next token will start."""
+        return self._length
 
     def push(self, token: int) -> tuple[str, str | None]:
         """Feed one generated token; returns (new text, finish reason or None)."""
@@ -142,23 +173,79 @@ class TextStream:
         if token == self.tok.eos_id:
             return self._finish("stop")
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text = text[: min(cuts)]
+        window = self.tok.decode(self.ids[self._p :])
+        clean = not window.endswith("\ufffd")
+        ready = window if clean else window.rstrip("\ufffd")
+        if len(ready) > self._used:
+            self._add(ready[self._used :])
+            self._used = len(ready)
+        if self._cut is not None:
             return self._finish("stop")
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        safe = max(self.sent, safe - hold)
-        delta, self.sent = text[self.sent : safe], safe
+        if clean or len(self.ids) - self._p > self.max_window:
+            if not clean:  # restart: what the window held is taken as final
+                self._add(window[self._used :])
+            self._p = self._r if clean else len(self.ids) - 1
+            self._r = len(self.ids)
+            self._used = len(self.tok.decode(self.ids[self._p :]))
+            if self._cut is not None:
+                return self._finish("stop")
+        hold = max(self._match, default=0)
+        delta = self._unsent[: len(self._unsent) - hold]
+        self._unsent = self._unsent[len(delta) :]
         return delta, None
 
     def finish_length(self) -> str:
         """End the row for reaching its token limit; returns the text still held back."""
         return self._finish("length")[0]
 
+    def _add(self, new: str) -> None:
+        """Append final text, stepping every stop string's automaton over the new characters; the first
+        stop string found (the one that starts first) sets the cut."""
+        start = self._length
+        self._pieces.append(new)
+        self._length += len(new)
+        self._unsent += new
+        found = []
+        for k, (s, fail) in enumerate(zip(self.stop, self._fail)):
+            q = self._match[k]
+            for i, c in enumerate(new):
+                while q and s[q] != c:
+                    q = fail[q - 1]
+                if s[q] == c:
+                    q += 1
+                if q == len(s):
+                    found.append(start + i + 1 - len(s))
+                    break
+            self._match[k] = q
+        if found and self._cut is None:
+            self._cut = min(found)
+
+    @staticmethod
+    def _failure(s: str) -> list[int]:
+        """KMP's table: fail[i] = length of the longest proper prefix of s[: i + 1] that is also its suffix."""
+        fail, q = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while q and s[i] != s[q]:
+                q = fail[q - 1]
+            if s[i] == s[q]:
+                q += 1
+            fail[i] = q
+        return fail
+
     def _finish(self, reason: str) -> tuple[str, str]:
         self.finish_reason = reason
-        delta, self.sent = self.text[self.sent :], len(self.text)
+        if self._cut is None and self.ids:  # flush what the window still holds (an unfinished character)
+            window = self.tok.decode(self.ids[self._p :])
+            if len(window) > self._used:
+                rest = window[self._used :]
+                self._pieces.append(rest)
+                self._length += len(rest)
+                self._unsent += rest
+                self._used = len(window)
+        if self._cut is not None:  # the cut is never before what was sent: that text was held back
+            sent = self._length - len(self._unsent)
+            delta = self._unsent[: self._cut - sent]
+        else:
+            delta = self._unsent
+        self._unsent = ""
         return delta, reason

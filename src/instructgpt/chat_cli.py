@@ -30,6 +30,16 @@ HELP = """commands:
   /quit             leave (so does Ctrl-D)"""
 
 
+# C0 and C1 control characters (and DEL) but newline and tab: a model's text must not drive the terminal
+# (ESC [2J clears it, OSC sequences set its title or clipboard, a carriage return overwrites the line).
+CONTROLS = dict.fromkeys([c for c in range(0x20) if c not in (0x09, 0x0A)] + [0x7F, *range(0x80, 0xA0)])
+
+
+def printable(text: str) -> str:
+    """Model text safe to print: control characters other than newline and tab removed."""
+    return text.translate(CONTROLS)
+
+
 def context_size(model: torch.nn.Module) -> int:
     return model.config.block_size
 
@@ -127,7 +137,8 @@ def run_chat(
 def _reply(model, tok, prompt: Sequence[int], params: SamplingParams, console: Console, generator, context: int) -> str:
     step = SamplingParams(
         max_new_tokens=min(params.max_new_tokens, context - len(prompt)),
-        temperature=params.temperature,
+        # A temperature too small to divide by (1/T overflows to inf) decodes greedily, as the server does.
+        temperature=params.temperature if params.temperature >= 1e-5 else 0.0,
         top_k=params.top_k,
         top_p=params.top_p,
     )
@@ -136,11 +147,11 @@ def _reply(model, tok, prompt: Sequence[int], params: SamplingParams, console: C
     try:
         for token, _, _ in stream(model, [prompt], step, tok.eos_id, tok.pad_id, generator, start_id=tok.bos_id):
             delta, finish = out.push(int(token[0]))
-            console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+            console.print(printable(delta), end="", markup=False, highlight=False, soft_wrap=True)
             if finish:
                 break
         else:
-            console.print(out.finish_length(), end="", markup=False, highlight=False, soft_wrap=True)
+            console.print(printable(out.finish_length()), end="", markup=False, highlight=False, soft_wrap=True)
             console.print(" [dim](length limit)[/dim]", end="")
     except KeyboardInterrupt:
         console.print(" [dim](interrupted)[/dim]", end="")
