@@ -20,6 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from instructgpt.batching import pad  # noqa: E402
 from instructgpt.chat import render_prompt  # noqa: E402
 from instructgpt.checkpoint import save_model  # noqa: E402
+from instructgpt.cli import main as cli_main  # noqa: E402
 from instructgpt.errors import UserError  # noqa: E402
 from instructgpt.generate import SamplingParams, generate  # noqa: E402
 from instructgpt.hf import SCORE_BIAS_KEY, export_hf, import_command, import_hf  # noqa: E402
@@ -62,7 +63,7 @@ def build_hf(folder: Path, family: str, n_extra_rows: int = 0, shard: bool = Fal
         config = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, **common)
     else:
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}[family]
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
         config = cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, head_dim=8, **common)
     for k, v in overrides.items():
@@ -124,6 +125,8 @@ CASES = {
     "mistral-tied-linear-rope": dict(family="mistral", tie_word_embeddings=True, sliding_window=64,
                                      rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "qwen2-bias-extra-rows": dict(family="qwen2", n_extra_rows=20),
+    "qwen3-qk-norm-head-dim-16": dict(family="qwen3", head_dim=16),
+    "llama-head-dim-16-tied": dict(family="llama", head_dim=16, tie_word_embeddings=True),
 }
 
 
@@ -141,19 +144,64 @@ def test_import_matches_transformers(tmp_path, case):
     torch.testing.assert_close(wte[tok.eos_id], wte[:n_tok].mean(0))
     if case.startswith("qwen2"):
         assert model.config.attention_bias and not model.config.bias
+    assert model.config.qk_norm == case.startswith("qwen3")
+    assert model.config.head_dim == getattr(hf.config, "head_dim", 32 // 4)  # GPT-2's config has no head_dim
     assert_same_logits(model, hf, n_tok, replaced=tok.special_ids)
     assert_same_greedy(model, tok, hf, n_tok)
 
 
-def test_import_command_writes_a_checkpoint(tmp_path):
+def test_import_command_writes_a_checkpoint_and_keeps_the_chat_files(tmp_path):
     import tyro
 
     build_hf(tmp_path / "hf", "llama")
-    tyro.cli(import_command, args=["--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
-    assert {p.name for p in (tmp_path / "ours").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer_config = json.dumps({"eos_token": "<|endoftext|>", "chat_template": template})
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(tokenizer_config)
+    (tmp_path / "hf" / "generation_config.json").write_text('{"eos_token_id": [0]}')
+    cli_main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])  # as the README writes it
+    assert {p.name for p in (tmp_path / "ours").iterdir()} == {
+        "model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "tokenizer_config.json",
+        "generation_config.json"}
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == template
+    assert (tmp_path / "ours" / "tokenizer_config.json").read_text() == tokenizer_config  # copied as it is
+    assert (tmp_path / "ours" / "generation_config.json").read_text() == '{"eos_token_id": [0]}'
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["kind"] == "gpt" and config["imported_from"]["model_type"] == "llama"
+    assert config["imported_from"]["format"] == "hf"
     assert Tokenizer.load(tmp_path / "ours").vocab_size == config["model"]["vocab_size"]
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        (tmp_path / "hf" / name).unlink()
+    tyro.cli(import_command, args=["--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])  # old spelling
+    assert not any((tmp_path / "ours" / name).exists() for name in ("chat_template.jinja", "tokenizer_config.json"))
+    with pytest.raises(UserError, match="give the model to import once"):
+        import_command(tmp_path / "hf", out=tmp_path / "x", src_flag=tmp_path / "hf")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_qwen3_and_explicit_head_dim_round_trip(tmp_path, family):
+    """head_dim 16 with hidden_size 32 and 4 heads (not 32 / 4); Qwen3 with its per-head q/k RMSNorm:
+    HF -> ours -> HF gives the same logits, and ours -> HF -> ours the same weights."""
+    hf = build_hf(tmp_path / "hf", family, head_dim=16)
+    model, tok = import_hf(tmp_path / "hf")
+    assert (model.config.head_size, model.config.qk_norm) == (16, family == "qwen3")
+    n_tok = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).get_vocab_size()
+    assert_same_logits(model, hf, n_tok, replaced=tok.special_ids)
+    save_model(model, tmp_path / "ours")
+    tok.save(tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "export", log=lambda _: None)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(again).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+    assert again.config.head_dim == 16
+    idx, mask = padded_batch(n_tok)
+    with torch.no_grad():
+        before, after = (m(input_ids=idx, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+                         for m in (hf, again))
+    real = mask.bool()
+    torch.testing.assert_close(after[real][:, :n_tok], before[real][:, :n_tok], atol=1e-4, rtol=1e-4)
+    reimported, _ = import_hf(tmp_path / "export")
+    assert reimported.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reimported.state_dict()[key]), key
 
 
 def test_import_then_export_then_import_is_identity(tmp_path):
@@ -199,6 +247,8 @@ EXPORTS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
     "qwen2-tied": dict(style="llama", attention_bias=True, tie_embeddings=True, n_kv_head=1),
+    "qwen3-head-size-16": dict(style="llama", qk_norm=True, head_size=16, n_kv_head=2),
+    "llama-head-size-16": dict(style="llama", head_size=16),
 }
 
 
@@ -208,7 +258,8 @@ def test_export_loads_in_transformers(tmp_path, our_tokenizer, case):
     ours = our_checkpoint(tmp_path / "ours", tok, **EXPORTS[case])
     export_hf(tmp_path / "ours", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}
     assert type(hf).__name__ == expected[case.split("-")[0]]
     assert hf.config.vocab_size == tok.vocab_size
     assert_same_logits(ours, hf, tok.vocab_size)
@@ -275,8 +326,10 @@ def test_export_without_tokenizer_writes_weights_and_says_so(tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
-def test_export_refuses_a_mixed_architecture(tmp_path, our_tokenizer):
-    our_checkpoint(tmp_path / "ours", our_tokenizer, norm="rmsnorm")
+@pytest.mark.parametrize("cfg", [dict(norm="rmsnorm"), dict(qk_norm=True), dict(head_size=16),
+                                 dict(style="llama", qk_norm=True, attention_bias=True)])
+def test_export_refuses_a_mixed_architecture(tmp_path, our_tokenizer, cfg):
+    our_checkpoint(tmp_path / "ours", our_tokenizer, **cfg)
     with pytest.raises(UserError, match="no Hugging Face architecture matches"):
         export_hf(tmp_path / "ours", tmp_path / "hf")
 
@@ -288,7 +341,13 @@ def test_export_refuses_a_mixed_architecture(tmp_path, our_tokenizer):
 def test_unsupported_architecture(tmp_path):
     hf_tokenizer_file(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(UserError, match=r"unsupported model \(model_type='bert'.*BertForMaskedLM"):
+    with pytest.raises(UserError, match=r"unsupported model \(model_type='bert'.*BertForMaskedLM.*Qwen3ForCausalLM"):
+        import_hf(tmp_path)
+
+
+def test_qwen3_attention_bias_is_refused(tmp_path):
+    build_hf(tmp_path, "qwen3", attention_bias=True)  # a bias on o_proj too, which our attention lacks
+    with pytest.raises(UserError, match=r"config.json: unsupported: attention_bias on a qwen3 model"):
         import_hf(tmp_path)
 
 

@@ -1,28 +1,31 @@
-"""Hugging Face interoperability: import a local GPT-2 or Llama-family checkpoint, export ours.
+"""Hugging Face interoperability: import a local GPT-2 or Llama-family checkpoint or a GGUF file, export ours.
 
 Import (`import_hf`, `instructgpt import-hf`) reads only JSON and safetensors: `config.json`, the weights
 (`model.safetensors`, or shards listed in `model.safetensors.index.json`) and `tokenizer.json`. It never
 unpickles (DESIGN invariant 10): a folder with only `pytorch_model.bin` is refused with a hint to convert.
+A .gguf file (llama.cpp's format) is read by gguf.py into the same config, weights and tokenizer.
 
 Supported layouts, mapped onto ours (model.py):
 
-    GPT2LMHeadModel                    Conv1D weights are (in, out): transposed into nn.Linear's (out, in)
-    Llama / Mistral / Qwen2ForCausalLM q, k, v stacked into one qkv_proj (rows [q (H*D), k (K*D), v (K*D)]),
-                                       gate and up into one fc (rows [gate (I), up (I)]); Qwen2's q/k/v
-                                       biases become attention_bias=True
-    *ForSequenceClassification         (num_labels=1) a ScalarModel: HF's bias-free score -> score_head
+    GPT2LMHeadModel             Conv1D weights are (in, out): transposed into nn.Linear's (out, in)
+    Llama / Mistral / Qwen2 /   q, k, v stacked into one qkv_proj (rows [q (H*D), k (K*D), v (K*D)]), gate and up
+    Qwen3ForCausalLM            into one fc (rows [gate (I), up (I)]); Qwen2's q/k/v biases: attention_bias,
+                                Qwen3's q_norm/k_norm: qk_norm, a head_dim other than hidden_size / heads: head_size
+    *ForSequenceClassification  (num_labels=1) a ScalarModel: HF's bias-free score -> score_head
+
+The model's own chat template and special tokens are kept beside our checkpoint under HF's names (CHAT_FILES):
+copied from the folder (the template also out of tokenizer_config.json), or from a GGUF's metadata.
 
 Our chat template needs six special tokens (<|pad|> <|bos|> <|eos|> <|system|> <|user|> <|assistant|>).
 Those the tokenizer lacks are added as special tokens at the end of its vocabulary (inside the HF matrix
 when it has unused rows past the tokenizer, as Qwen2's has); their embedding and unembedding rows start as
-the mean of the rows of the original tokens. A mean unembedding row can never win an argmax
-(its logit is the mean of the others), so greedy decoding of the imported model is unchanged until
-fine-tuning teaches the new tokens.
+the mean of the rows of the original tokens. A mean unembedding row can never win an argmax (its logit is
+the mean of the others), so greedy decoding of the imported model is unchanged until fine-tuning.
 
 Export (`export_hf`, `instructgpt export-hf`) writes a folder that `transformers.AutoModelForCausalLM` /
 `AutoModelForSequenceClassification` and `AutoTokenizer` load without custom code: GPT-2 style models as
-GPT2*, Llama style as Llama* (Qwen2* when the q/k/v projection alone has biases). The vocabulary is unpadded
-to `vocab_size`.
+GPT2*, Llama style as Llama* (Qwen2* when the q/k/v projection alone has biases, Qwen3* with qk_norm). The
+vocabulary is unpadded to `vocab_size`.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
+import tyro
 
 from .checkpoint import atomic_write, load_model, load_state_dict, save_model
 from .errors import UserError
@@ -44,17 +48,17 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
+CHAT_FILES = ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 GPT2_ARCHS = {"GPT2LMHeadModel": "gpt", "GPT2ForSequenceClassification": "scalar"}
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
-LLAMA_ARCHS = {f"{name}{head}": kind for name in ("Llama", "Mistral", "Qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_ARCHS = {f"{name}{head}": kind for name in ("Llama", "Mistral", "Qwen2", "Qwen3")
                for head, kind in (("ForCausalLM", "gpt"), ("ForSequenceClassification", "scalar"))}
 # Buffers some checkpoints carry that are not weights: GPT-2's causal-mask tables, old Llama's RoPE table.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 # Where our export keeps the score head's bias, which HF's bias-free score layer cannot hold (Llama style).
 SCORE_BIAS_KEY = "instructgpt_score_bias"
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,12 +81,10 @@ class HFWeights:
         self._handles = {}
         for file in files:
             try:
-                handle = safe_open(str(file), framework="pt")
+                self._handles[file] = safe_open(str(file), framework="pt")
             except Exception as e:  # the library raises its own error type or OSError for a bad file
                 raise UserError(f"{file}: cannot read safetensors weights ({e})") from None
-            self._handles[file] = handle
-            for key in handle.keys():
-                self._where[key] = file
+            self._where.update(dict.fromkeys(self._handles[file].keys(), file))
         self._used: set[str] = set()
 
     @staticmethod
@@ -108,8 +110,7 @@ class HFWeights:
             raise UserError(
                 f"{folder}: only pickled weights ({', '.join(pickled)}); instructgpt never unpickles checkpoints. "
                 "Convert them to safetensors first, for example with transformers in a trusted environment: "
-                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)"
-            )
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)")
         raise UserError(f"{folder}: no weights found (expected {HF_WEIGHTS} or {HF_INDEX} with its shards)")
 
     def __contains__(self, key: str) -> bool:
@@ -146,17 +147,15 @@ def read_hf_config(folder: Path) -> tuple[dict, str, str]:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    model_type = hf.get("model_type")
-    archs = hf.get("architectures") or []
+    model_type, archs = hf.get("model_type"), hf.get("architectures") or []
     arch = archs[0] if len(archs) == 1 else None
-    supported = sorted(GPT2_ARCHS) + sorted(LLAMA_ARCHS)
     if model_type == "gpt2" and (arch is None or arch in GPT2_ARCHS):
         family, kind = "gpt2", GPT2_ARCHS.get(arch, "gpt")
     elif model_type in LLAMA_TYPES and (arch is None or arch in LLAMA_ARCHS):
         family, kind = "llama", LLAMA_ARCHS.get(arch, "gpt")
     else:
         raise UserError(f"{path}: unsupported model (model_type={model_type!r}, architectures={archs}); "
-                        f"supported: {', '.join(supported)}")
+                        f"supported: {', '.join(sorted(GPT2_ARCHS) + sorted(LLAMA_ARCHS))}")
     if kind == "scalar":
         n_labels = len(hf.get("id2label") or {"0": ""}) if "num_labels" not in hf else hf["num_labels"]
         if n_labels != 1:
@@ -166,13 +165,13 @@ def read_hf_config(folder: Path) -> tuple[dict, str, str]:
 
 def _need(hf: dict, key: str, source: Path):
     if key not in hf or hf[key] is None:
-        raise UserError(f"{source / HF_CONFIG}: missing {key!r}")
+        raise UserError(f"{source}: missing {key!r}")
     return hf[key]
 
 
 def _check(ok: bool, source: Path, message: str) -> None:
     if not ok:
-        raise UserError(f"{source / HF_CONFIG}: unsupported: {message}")
+        raise UserError(f"{source}: unsupported: {message}")
 
 
 def gpt2_model_config(hf: dict, vocab_size: int, source: Path) -> ModelConfig:
@@ -183,15 +182,9 @@ def gpt2_model_config(hf: dict, vocab_size: int, source: Path) -> ModelConfig:
     _check(not hf.get("scale_attn_by_inverse_layer_idx", False), source, "scale_attn_by_inverse_layer_idx")
     _check(not hf.get("add_cross_attention", False), source, "add_cross_attention")
     return ModelConfig.gpt2(
-        vocab_size=vocab_size,
-        block_size=_need(hf, "n_positions", source),
-        n_layer=_need(hf, "n_layer", source),
-        n_head=_need(hf, "n_head", source),
-        n_embd=_need(hf, "n_embd", source),
-        intermediate_size=hf.get("n_inner"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
+        vocab_size=vocab_size, block_size=_need(hf, "n_positions", source), n_layer=_need(hf, "n_layer", source),
+        n_head=_need(hf, "n_head", source), n_embd=_need(hf, "n_embd", source), intermediate_size=hf.get("n_inner"),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def _rope(hf: dict, source: Path) -> tuple[float, dict | None]:
@@ -212,36 +205,29 @@ def llama_model_config(hf: dict, vocab_size: int, source: Path) -> ModelConfig:
     model_type = hf["model_type"]
     C, H = _need(hf, "hidden_size", source), _need(hf, "num_attention_heads", source)
     K = hf.get("num_key_value_heads") or H
+    D = hf.get("head_dim") or (128 if model_type == "qwen3" else C // H)  # transformers' defaults
     block_size = _need(hf, "max_position_embeddings", source)
     _check(hf.get("hidden_act", "silu") == "silu", source, f"hidden_act {hf.get('hidden_act')!r}")
-    _check(hf.get("head_dim") in (None, C // H), source, f"head_dim {hf.get('head_dim')} != hidden_size/heads")
     _check(not hf.get("mlp_bias", False), source, "mlp_bias")
-    if model_type == "llama":
-        # Llama's attention_bias also puts a bias on o_proj, which our attention lacks.
-        _check(not hf.get("attention_bias", False), source, "attention_bias on a Llama model")
+    if model_type in ("llama", "qwen3"):
+        # Their attention_bias also puts a bias on o_proj, which our attention lacks.
+        _check(not hf.get("attention_bias", False), source, f"attention_bias on a {model_type} model")
     window = hf.get("sliding_window")
-    qwen2_sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
-    sliding = model_type == "mistral" or (model_type == "qwen2" and qwen2_sliding)
+    qwen_sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
+    sliding = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and qwen_sliding)
     if sliding and window is not None and window < block_size:
-        raise UserError(f"{source / HF_CONFIG}: sliding-window attention over {window} tokens is shorter than "
+        raise UserError(f"{source}: sliding-window attention over {window} tokens is shorter than "
                         f"the context of {block_size} (max_position_embeddings); our attention is global, so "
                         f"the model would differ beyond {window} tokens. Set max_position_embeddings to "
                         f"{window} or less in a copy of the folder to import it with a shorter context")
     theta, scaling = _rope(hf, source)
     return ModelConfig.llama(
-        vocab_size=vocab_size,
-        block_size=block_size,
-        n_layer=_need(hf, "num_hidden_layers", source),
-        n_head=H,
-        n_kv_head=K if K != H else None,
-        n_embd=C,
-        intermediate_size=_need(hf, "intermediate_size", source),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        attention_bias=True if model_type == "qwen2" else None,
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-    )
+        vocab_size=vocab_size, block_size=block_size, n_layer=_need(hf, "num_hidden_layers", source), n_head=H,
+        n_kv_head=K if K != H else None, n_embd=C, intermediate_size=_need(hf, "intermediate_size", source),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        attention_bias=True if model_type == "qwen2" else None,  # Qwen2: biases on q, k and v only
+        head_size=D if D * H != C else None, qk_norm=model_type == "qwen3",
+        tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +277,8 @@ def _llama_tensors(w: HFWeights, cfg: ModelConfig, n_hf: int, kind: str) -> dict
         if cfg.attention_bias:
             out[op + "attn.qkv_proj.bias"] = torch.cat(
                 [w.take(f"{hp}self_attn.{n}_proj.bias", (m * D,)) for n, m in (("q", H), ("k", K), ("v", K))])
+        if cfg.qk_norm:
+            out.update({f"{op}attn.{n}_norm.weight": w.take(f"{hp}self_attn.{n}_norm.weight", (D,)) for n in "qk"})
         out[op + "attn.o_proj.weight"] = w.take(hp + "self_attn.o_proj.weight", (C, H * D))
         gate, up = (w.take(f"{hp}mlp.{n}_proj.weight", (I, C)) for n in ("gate", "up"))
         out[op + "mlp.fc.weight"] = torch.cat([gate, up])  # rows [gate (I), up (I)]: silu(gate) * up
@@ -327,47 +315,61 @@ def _resize_vocab(rows: torch.Tensor, n_real: int, new_ids: list[int], cfg: Mode
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer
+# Tokenizer and chat template
 
 
-def import_tokenizer(folder: Path) -> tuple[Tokenizer, int, list[int]]:
-    """The HF tokenizer.json with our special tokens added where missing: (tokenizer, size before
-    adding, ids of the added tokens)."""
+def import_tokenizer(source) -> tuple[Tokenizer, int, list[int]]:
+    """A folder's tokenizer.json (or a `tokenizers.Tokenizer` read from a GGUF) with our special tokens added
+    where missing: (tokenizer, size before adding, ids of the added tokens)."""
     import tokenizers
     from tokenizers import AddedToken
 
-    path = folder / TOKENIZER
-    if not path.is_file():
-        raise UserError(f"{folder}: no {TOKENIZER}; the import needs the fast-tokenizer file (a folder with only "
-                        "a sentencepiece tokenizer.model can be converted by saving its AutoTokenizer)")
-    try:
-        raw = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises a bare Exception for a malformed file
-        raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
+    raw, path = source, Path(source) / TOKENIZER if isinstance(source, Path) else None
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"{source}: no {TOKENIZER}; the import needs the fast-tokenizer file (a folder with "
+                            "only a sentencepiece tokenizer.model can be converted by saving its AutoTokenizer)")
+        try:
+            raw = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for a malformed file
+            raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
     size = raw.get_vocab_size(with_added_tokens=True)
     missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return Tokenizer(raw), size, [raw.token_to_id(t) for t in missing]
 
 
+def chat_files(folder: Path) -> dict[str, str]:
+    """The folder's CHAT_FILES as they are, and its chat template as chat_template.jinja when only
+    tokenizer_config.json holds it (a string, or the template named "default" of a list)."""
+    files = {name: (folder / name).read_text(encoding="utf-8") for name in CHAT_FILES if (folder / name).is_file()}
+    try:
+        template = json.loads(files.get("tokenizer_config.json", "{}")).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{folder / 'tokenizer_config.json'}: not a JSON object ({e})") from None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if isinstance(template, str):
+        files.setdefault("chat_template.jinja", template)
+    return files
+
+
 # ----------------------------------------------------------------------------------------------------
 # Import
 
 
-def import_hf(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
-    """A local HF folder -> (our GPT or ScalarModel, our Tokenizer with the chat special tokens).
+def _import(src: Path, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer, dict, dict]:
+    """(model, tokenizer, HF config, chat files) of an HF folder or a .gguf file (via gguf.read_gguf)."""
+    if src.suffix.lower() == ".gguf" or src.is_file():
+        from .gguf import read_gguf
 
-    The model's vocab_size covers the HF embedding matrix and every tokenizer id (new special tokens
-    included). Raises UserError for an unsupported architecture, pickled-only weights, a missing weight,
-    a weight of the wrong shape, or weights the config does not account for."""
-    src = Path(src)
-    hf, family, kind = read_hf_config(src)
-    tok, n_tok, new_ids = import_tokenizer(src)
-    n_hf = _need(hf, "vocab_size", src)
-    vocab_size = max(n_hf, tok.vocab_size)
-    make_config = gpt2_model_config if family == "gpt2" else llama_model_config
-    cfg = make_config(hf, vocab_size, src)
-    weights = HFWeights(src)
+        (hf, weights, tokenizer_source, files), family, kind, where = read_gguf(src), "llama", "gpt", src
+    else:
+        hf, family, kind = read_hf_config(src)
+        weights, tokenizer_source, files, where = HFWeights(src), src, chat_files(src), src / HF_CONFIG
+    tok, n_tok, new_ids = import_tokenizer(tokenizer_source)
+    n_hf = _need(hf, "vocab_size", where)
+    cfg = (gpt2_model_config if family == "gpt2" else llama_model_config)(hf, max(n_hf, tok.vocab_size), where)
     tensors = (_gpt2_tensors if family == "gpt2" else _llama_tensors)(weights, cfg, n_hf, kind)
     weights.check_all_used()
     n_real = min(n_tok, n_hf)
@@ -379,25 +381,47 @@ def import_hf(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.M
         tensors["score_head.bias"] = torch.tensor([float(hf.get(SCORE_BIAS_KEY, 0.0))])
     model = build_model(cfg, scalar=kind == "scalar")
     load_state_dict(model, tensors, str(src))
-    return model.to(dtype).eval(), tok
+    return model.to(dtype).eval(), tok, hf, files
 
 
-def import_command(src: Path, out: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
-    """Import a local Hugging Face checkpoint (GPT-2, Llama, Mistral or Qwen2; safetensors only).
+def import_hf(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
+    """A local HF folder or .gguf file -> (our GPT or ScalarModel, our Tokenizer with the chat special tokens).
 
-    Writes OUT/model.safetensors, OUT/config.json and OUT/tokenizer.json, the tokenizer with our chat
-    special tokens added where missing (their embeddings start as the mean of the others).
+    The model's vocab_size covers the HF matrix and every tokenizer id (new special tokens included). Raises
+    UserError for an unsupported architecture or tensor type, pickled-only weights, a missing weight, a
+    weight of the wrong shape, or weights the config does not account for."""
+    return _import(Path(src), dtype)[:2]
+
+
+def import_command(
+    src: Annotated[Path | None, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")] = None, *, out: Path,
+    src_flag: Annotated[Path | None, tyro.conf.arg(name="src", metavar="SRC")] = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> None:
+    """Import a Hugging Face checkpoint folder or a GGUF file (GPT-2, Llama, Mistral, Qwen2 or Qwen3).
+
+    Writes OUT/model.safetensors, OUT/config.json, OUT/tokenizer.json with our chat special tokens added where
+    missing (their embeddings the mean of the others), and the model's own chat template and special tokens:
+    OUT/chat_template.jinja, tokenizer_config.json, special_tokens_map.json, generation_config.json.
 
     Args:
-        src: the HF model folder (config.json, model.safetensors or shards + index, tokenizer.json).
+        src: an HF model folder (config.json, safetensors weights, tokenizer.json) or a .gguf file.
         out: the checkpoint folder to write.
+        src_flag: the same as SRC.
         dtype: dtype of the stored weights.
     """
-    model, tok = import_hf(src, DTYPES[dtype])
-    hf, _, _ = read_hf_config(Path(src))
-    save_model(model, out, extra={"imported_from": {"path": str(src), "model_type": hf.get("model_type"),
+    if (src is None) == (src_flag is None):
+        raise UserError("give the model to import once: instructgpt import-hf SRC --out DIR")
+    src = Path(src or src_flag)
+    model, tok, hf, files = _import(src, DTYPES[dtype])
+    save_model(model, out, extra={"imported_from": {"path": str(src), "format": "hf" if src.is_dir() else "gguf",
+                                                    "model_type": hf.get("model_type"),
                                                     "architectures": hf.get("architectures")}})
     tok.save(Path(out))
+    for name in CHAT_FILES:  # the source's, and no stale one of an earlier import into OUT
+        (Path(out) / name).unlink(missing_ok=True)
+        if name in files:
+            atomic_write(Path(out) / name, lambda tmp, t=files[name]: Path(tmp).write_text(t, encoding="utf-8"))
     cfg = model.config
     print(f"imported {src} -> {out}: {hf.get('model_type')}, {cfg.n_layer} layers, {cfg.n_embd} wide, "
           f"vocab {cfg.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -412,25 +436,26 @@ def hf_family(cfg: ModelConfig) -> str:
     attn_bias = cfg.bias if cfg.attention_bias is None else cfg.attention_bias
     if cfg.arch != "gpt":
         raise UserError("only decoder-only models can be exported to Hugging Face (not seq2seq)")
-    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias, attn_bias) == ("learned", "layernorm", "gelu", True, True):
+    gpt2 = (cfg.position, cfg.norm, cfg.mlp, cfg.bias, attn_bias) == ("learned", "layernorm", "gelu", True, True)
+    if gpt2 and cfg.head_dim * cfg.n_head == cfg.n_embd and not cfg.qk_norm:
         if cfg.kv_heads != cfg.n_head:
             raise UserError("GPT-2 has no grouped-query attention: cannot export n_kv_head < n_head")
         return "gpt2"
-    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False):
-        return "qwen2" if attn_bias else "llama"
-    raise UserError(f"no Hugging Face architecture matches position={cfg.position}, norm={cfg.norm}, "
-                    f"mlp={cfg.mlp}, bias={cfg.bias}, attention_bias={cfg.attention_bias}: export supports "
-                    "GPT-2 style (learned, layernorm, gelu, biases) and Llama style (rope, rmsnorm, swiglu)")
+    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False) and not (
+            cfg.qk_norm and attn_bias):  # Qwen3's attention_bias would also put a bias on o_proj
+        return "qwen3" if cfg.qk_norm else "qwen2" if attn_bias else "llama"
+    raise UserError(f"no Hugging Face architecture matches position={cfg.position}, norm={cfg.norm}, mlp={cfg.mlp}, "
+                    f"bias={cfg.bias}, attention_bias={cfg.attention_bias}, qk_norm={cfg.qk_norm}, head_size="
+                    f"{cfg.head_size}: export supports GPT-2 style (learned, layernorm, gelu, biases) and Llama style")
 
 
 def hf_config(cfg: ModelConfig, kind: str, tok: Tokenizer | None, score_bias: float = 0.0) -> dict:
     """The HF config.json of our model."""
     family = hf_family(cfg)
     head = "ForSequenceClassification" if kind == "scalar" else ("LMHeadModel" if family == "gpt2" else "ForCausalLM")
-    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[family]
-    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if tok is not None:
-        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    ids = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"),
+                   (tok.bos_id, tok.eos_id, tok.pad_id) if tok is not None else (None,) * 3))
     out: dict = {"architectures": [name + head], "model_type": family, "vocab_size": cfg.vocab_size,
                  "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
                  "initializer_range": 0.02, **ids}
@@ -474,10 +499,8 @@ def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
     left_bias = 0.0
     trunk = "transformer." if family == "gpt2" else "model."
     if family == "gpt2":
-        out[trunk + "wte.weight"] = sd["transformer.wte.weight"][:V]
-        out[trunk + "wpe.weight"] = sd["transformer.wpe.weight"]
-        out[trunk + "ln_f.weight"] = sd["transformer.ln_f.weight"]
-        out[trunk + "ln_f.bias"] = sd["transformer.ln_f.bias"]
+        out["transformer.wte.weight"] = sd["transformer.wte.weight"][:V]
+        out.update({k: sd[k] for k in ("transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias")})
         for i in range(cfg.n_layer):
             op, hp = f"transformer.h.{i}.", f"transformer.h.{i}."
             for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("attn.qkv_proj", "attn.c_attn"),
@@ -490,13 +513,11 @@ def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
         for i in range(cfg.n_layer):
             op, hp = f"transformer.h.{i}.", f"model.layers.{i}."
-            q, k, v = sd[op + "attn.qkv_proj.weight"].split([H * D, K * D, K * D])
-            out.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
-                        hp + "self_attn.v_proj.weight": v})
-            if family == "qwen2":
-                qb, kb, vb = sd[op + "attn.qkv_proj.bias"].split([H * D, K * D, K * D])
-                out.update({hp + "self_attn.q_proj.bias": qb, hp + "self_attn.k_proj.bias": kb,
-                            hp + "self_attn.v_proj.bias": vb})
+            for part in ("weight", "bias") if family == "qwen2" else ("weight",):  # rows [q (H*D), k (K*D), v (K*D)]
+                rows = sd[f"{op}attn.qkv_proj.{part}"].split([H * D, K * D, K * D])
+                out.update({f"{hp}self_attn.{n}_proj.{part}": r for n, r in zip("qkv", rows)})
+            if cfg.qk_norm:
+                out.update({f"{hp}self_attn.{n}_norm.weight": sd[f"{op}attn.{n}_norm.weight"] for n in "qk"})
             out[hp + "self_attn.o_proj.weight"] = sd[op + "attn.o_proj.weight"]
             gate, up = sd[op + "mlp.fc.weight"].split([I, I])
             out.update({hp + "mlp.gate_proj.weight": gate, hp + "mlp.up_proj.weight": up,
@@ -584,8 +605,8 @@ def export_command(src: Path, out: Path) -> None:
     """Export our checkpoint (language or reward model) as a Hugging Face model folder.
 
     GPT-2 style models become GPT2LMHeadModel / GPT2ForSequenceClassification, Llama style ones
-    LlamaForCausalLM / LlamaForSequenceClassification (Qwen2* with q/k/v biases). SRC/tokenizer.json is
-    exported with them when present.
+    LlamaForCausalLM / LlamaForSequenceClassification (Qwen2* with q/k/v biases, Qwen3* with qk_norm).
+    SRC/tokenizer.json is exported with them when present.
 
     Args:
         src: our checkpoint folder (model.safetensors + config.json, and tokenizer.json).

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -45,6 +47,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # long-context RoPE: {"rope_type": "llama3" or "linear", "factor", ...}
     attention_bias: bool | None = None  # bias on the q/k/v projection only (Qwen2); None means `bias`
+    head_size: int | None = None  # D when it is not n_embd / n_head (Qwen3, Mistral-Nemo); None means that
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     dropout: float = 0.0  # residual and embedding dropout (the InstructGPT SFT used 0.2)
     attn_dropout: float = 0.0  # dropout on attention probabilities
     vocab_multiple: int = 64  # pad the embedding rows to a multiple of this (faster matmuls)
@@ -58,8 +62,9 @@ class ModelConfig:
             (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
             (self.block_size > 0, f"block_size must be positive, got {self.block_size}"),
             (self.n_layer > 0 and self.n_head > 0, "n_layer and n_head must be positive"),
-            (self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+            (self.head_size is not None or self.n_embd % self.n_head == 0,
+             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) unless head_size is given"),
+            (self.head_size is None or self.head_size > 0, f"head_size must be positive, got {self.head_size}"),
             (self.n_head % kv == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})"),
             (self.position != "rope" or self.head_dim % 2 == 0,
              f"RoPE needs an even head size, got {self.head_dim}"),
@@ -68,7 +73,7 @@ class ModelConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"invalid model config: {message}")
+                raise UserError(f"invalid model config: {message}")
 
     @property
     def kv_heads(self) -> int:
@@ -76,7 +81,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def hidden_dim(self) -> int:
@@ -99,7 +104,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -168,7 +173,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(is_mid, mid, scaled)
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+        raise UserError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
     return inv_freq.float()
 
 
@@ -225,6 +230,9 @@ class Attention(nn.Module):
             self.qkv_proj = nn.Linear(C, (self.H + 2 * self.K) * self.D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, C, bias=cfg.bias)
         self.o_proj.residual = True  # scaled at init (GPT-2)
+        self.qk_norm = cfg.qk_norm and not cross
+        if self.qk_norm:  # one (D,) weight shared by all heads, as Qwen3's q_norm / k_norm
+            self.q_norm, self.k_norm = RMSNorm(self.D, cfg.norm_eps), RMSNorm(self.D, cfg.norm_eps)
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -251,6 +259,8 @@ class Attention(nn.Module):
         else:
             qkv = self.qkv_proj(x).view(B, T, self.H + 2 * self.K, self.D).transpose(1, 2)
             q, k, v = qkv.split([self.H, self.K, self.K], dim=1)  # (B, H, T, D), (B, K, T, D) x 2
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
