@@ -1,10 +1,18 @@
 """collect: K replies per prompt within [k_min, k_max], rankings are permutations by the world's labeler,
-empty replies dropped (counted) and sampled again, deterministic for a seed."""
+empty replies dropped (counted) and sampled again, deterministic for a seed; a collection stopped at any point
+(an exception, or SIGKILL) resumes from its chunks and writes the file an uninterrupted run writes."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,6 +134,21 @@ def test_collect_rejects_bad_flags_and_foreign_prompts(setup: dict, tmp_path: Pa
     assert not (tmp_path / "out.jsonl.args.json").exists()
     with pytest.raises(UserError, match="folder"):  # --out is the rankings file
         collect(setup, str(tmp_path))
+    # sampling settings and prompts that cannot be sampled from are the user's to fix (not a ValueError's traceback)
+    with pytest.raises(UserError, match=r"--temperature must be >= 0"):
+        collect(setup, "e.jsonl", temperature=-1.0)
+    with pytest.raises(UserError, match=r"--top-p must be in \(0, 1\]"):
+        collect(setup, "e.jsonl", top_p=0.0)
+    with pytest.raises(UserError, match=r"--max-new-tokens 200 does not fit the model's context of 128"):
+        collect(setup, "e.jsonl", max_new_tokens=200)
+    with pytest.raises(UserError, match=r"prompt 1 is \d+ tokens, and with --max-new-tokens 120 does not fit"):
+        collect(setup, "e.jsonl", max_new_tokens=120)
+    strange = tmp_path / "strange.jsonl"
+    strange.write_text(json.dumps({"prompt": "abc", "family": "poetry", "id": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"prompt 1 has the task family 'poetry', which the labeler does not know"):
+        call(collect_command, init=setup["policy"], prompts=strange, out=tmp_path / "out.jsonl", world=setup["world"],
+             device="cpu")
+    assert not (setup["root"] / "e.jsonl").exists() and not (tmp_path / "out.jsonl").exists()
 
 
 def test_sample_responses_gives_k_replies_per_prompt(setup: dict) -> None:
@@ -187,3 +210,114 @@ def test_collect_recipe_with_a_misspelled_key_fails(setup: dict, tmp_path: Path,
     err = capsys.readouterr().err
     assert "'policy'" in err and str(recipe) in err, err  # --policy is --init now, as in every other command
     assert not (tmp_path / "r.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stopped and resumed
+
+
+class Stop(BaseException):
+    """A crash at a chosen point (a BaseException, as KeyboardInterrupt: nothing may catch it)."""
+
+
+def test_a_stopped_collection_resumes_from_its_chunks_to_the_same_file(setup: dict, monkeypatch) -> None:
+    """Stopped after the first batch, in the middle of the first round, after its last batch, and in the second
+    round: each resumed run samples only the batches that were not saved, and writes the reference's bytes."""
+    kw = dict(batch_size=8, k_min=5, k_max=5)  # 200 rows: 25 batches in round 0; ~0.7^5 of prompts resampled
+    reference = collect(setup, "ref.jsonl", **kw)
+    writes: list[str] = []
+    real_write = collect_module.write_json_atomic
+    monkeypatch.setattr(collect_module, "write_json_atomic", lambda path, obj: (writes.append(Path(path).name),
+                                                                                real_write(path, obj)))
+    collect(setup, "count.jsonl", **kw)
+    batches = [w for w in writes if w.startswith("chunk-")]
+    first_round = sum(w.startswith("chunk-00-") for w in batches)
+    assert first_round == 25 and len(batches) > first_round  # some replies were empty: a second round ran
+    generated: list[int] = []
+    real_generate = collect_module.generate
+    monkeypatch.setattr(collect_module, "generate", lambda *a, **k: (generated.append(1), real_generate(*a, **k))[1])
+    for stop_after in (1, 12, first_round, first_round + 1):
+        out = setup["root"] / f"stopped_{stop_after}.jsonl"
+        monkeypatch.setattr(collect_module, "write_json_atomic", stopping_after(stop_after, real_write))
+        with pytest.raises(Stop):
+            collect(setup, out.name, **kw)
+        assert not out.exists() and len(list(out.with_name(out.name + ".chunks").glob("chunk-*"))) == stop_after
+        monkeypatch.setattr(collect_module, "write_json_atomic", real_write)
+        generated.clear()
+        summary = collect(setup, out.name, **kw)
+        assert len(generated) == len(batches) - stop_after  # only what was not saved
+        assert out.read_bytes() == (setup["root"] / "ref.jsonl").read_bytes()
+        assert summary == {**reference, "seconds": summary["seconds"]}
+        assert not out.with_name(out.name + ".chunks").exists()  # gone once the rankings are written
+
+
+def stopping_after(n: int, write: Callable) -> Callable:
+    """write_json_atomic that raises Stop once it has written the n-th chunk."""
+    saved = 0
+
+    def stopping(path, obj):
+        nonlocal saved
+        write(path, obj)
+        saved += Path(path).name.startswith("chunk-")
+        if saved == n:
+            raise Stop
+
+    return stopping
+
+
+def test_chunks_of_other_arguments_are_not_replayed(setup: dict, monkeypatch) -> None:
+    real_write = collect_module.write_json_atomic
+    monkeypatch.setattr(collect_module, "write_json_atomic", stopping_after(3, real_write))
+    with pytest.raises(Stop):
+        collect(setup, "other.jsonl", batch_size=8, seed=6)
+    monkeypatch.setattr(collect_module, "write_json_atomic", real_write)
+    collect(setup, "other.jsonl", batch_size=8, seed=5)  # another seed: the chunks are of another collection
+    collect(setup, "other_ref.jsonl", batch_size=8, seed=5)
+    assert (setup["root"] / "other.jsonl").read_bytes() == (setup["root"] / "other_ref.jsonl").read_bytes()
+
+
+def kill_when(cmd: list[str], written: Callable[[], bool], delay: float, log: Path, env: dict | None = None) -> bool:
+    """Start `cmd`, wait until `written()` (it has saved something), then `delay` seconds more, and SIGKILL it.
+    True if it was killed, False if it finished first."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=err, env=env)
+        try:
+            while not written():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{cmd[2:5]} ended before writing anything: {log.read_text()[-3000:]}")
+                time.sleep(0.002)
+            deadline = time.monotonic() + delay
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            killed = proc.poll() is None
+            if killed:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_collection_killed_at_a_random_moment_resumes_to_the_same_file(setup: dict, tmp_path: Path,
+                                                                          capsys) -> None:
+    kw = dict(batch_size=2, max_new_tokens=6)
+    collect(setup, "kill_ref.jsonl", **kw)  # about 120 batches
+    out = tmp_path / "killed.jsonl"
+    chunks = out.with_name(out.name + ".chunks")
+    seed = random.SystemRandom().randrange(2**32)  # not the global generator, which the stages seed
+    rng = random.Random(seed)
+    k, delay = rng.randint(1, 60), rng.uniform(0, 0.02)  # a random moment after the k-th chunk is saved
+    cmd = [sys.executable, "-m", "instructgpt.cli", "collect", "--init", str(setup["policy"]), "--prompts",
+           str(setup["prompts"]), "--world", str(setup["world"]), "--out", str(out), "--k-min", "3", "--k-max", "6",
+           "--max-new-tokens", "6", "--batch-size", "2", "--seed", "5", "--device", "cpu"]
+    killed = kill_when(cmd, lambda: len(list(chunks.glob("chunk-*"))) >= k, delay, tmp_path / "log.txt")
+    assert killed, f"the collection finished within {delay:.3f} s of its chunk {k} (seed {seed})"
+    assert not out.exists() and any(chunks.glob("chunk-*"))
+    capsys.readouterr()
+    call(collect_command, init=setup["policy"], prompts=setup["prompts"], out=out, world=setup["world"], k_min=3,
+         k_max=6, seed=5, device="cpu", **kw)
+    assert "[collect] resuming:" in capsys.readouterr().out
+    assert out.read_bytes() == (setup["root"] / "kill_ref.jsonl").read_bytes(), f"kill seed {seed}"

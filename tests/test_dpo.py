@@ -233,3 +233,25 @@ def test_a_misspelled_key_in_the_recipe_file_names_the_key_and_the_file(tmp_path
     err = capsys.readouterr().err
     assert "'betta'" in err and str(recipe) in err and "'beta'" in err
     assert not (tmp_path / "dpo").exists()
+
+
+def test_pairs_without_reference_logprobs_are_scored_when_a_batch_needs_them(tmp_path: Path, monkeypatch) -> None:
+    """The replay of the sampler scores every pair a run visits, once; should it ever miss some (a resume with
+    another per-step count, which the resume check now refuses first), a batch scores its missing pairs on the
+    spot instead of failing with KeyError 'ref' (audit F22). Same run, up to the reference's batch shapes."""
+    run = build_world_run(tmp_path, n_prompts=12, block_size=64)
+    args = dict(data=[run["rankings"]], max_steps=4, batch_size=4, lr=1e-3, warmup_steps=2, val_fraction=0.25,
+                device="cpu")
+    call(dpo_command, init=run["sft"], out=tmp_path / "full", **args)
+
+    def held_out_only(a, r):  # a replay that missed every training pair
+        dpo_module.score_pairs(a, r, r.val)
+        r.ref = None
+
+    monkeypatch.setattr(dpo_module, "score_reference", held_out_only)
+    call(dpo_command, init=run["sft"], out=tmp_path / "lazy", **args)
+    full, lazy = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "lazy"))
+    for k in full:
+        torch.testing.assert_close(lazy[k], full[k], atol=1e-6, rtol=0)
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))] for d in ("full", "lazy")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

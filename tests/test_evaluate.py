@@ -7,6 +7,7 @@ import torch
 from test_rm import build_world_run  # a world and a fresh tiny SFT model, laid out as a run folder
 
 from instructgpt import evaluate
+from instructgpt.checkpoint import write_done
 from instructgpt.cli import main
 from instructgpt.data import Prompt
 from instructgpt.errors import UserError
@@ -126,6 +127,7 @@ def test_eval_from_a_recipe_file_with_a_flag_on_top(tmp_path: Path, capsys, monk
     monkeypatch.setattr(evaluate, "fact_cloze_items", lambda *a, **k: real_items(*a, **k)[:10])
     run = tmp_path / "run"
     build_world_run(run, n_prompts=4, block_size=64)  # RUN/world and RUN/sft
+    write_done(run / "sft", {"stage": "sft"})
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(f"run: {run}\nmax_new_tokens: 8\nmax-prompts: 2\nbatch_size: 2\nseed: 3\ndevice: cpu\n")
     main(["eval", "--config", str(recipe), "--max-new-tokens", "4"])
@@ -141,7 +143,7 @@ def test_eval_from_a_recipe_file_with_a_flag_on_top(tmp_path: Path, capsys, monk
     got = call(eval_command, run=run, out=tmp_path / "again" / "results.json", max_new_tokens=4, max_prompts=2,
                batch_size=2, seed=3, device="cpu")
     assert got == json.loads((tmp_path / "again" / "results.json").read_text())
-    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in results.items() if k != "seconds"}
+    assert got == results
     assert json.loads((tmp_path / "again" / "args.json").read_text())["out"] == str(tmp_path / "again" / "results.json")
 
 
@@ -162,7 +164,102 @@ def test_eval_misspelled_key_in_the_recipe_file_names_the_key_and_the_file(tmp_p
 def test_eval_without_an_sft_model_fails_before_writing(tmp_path: Path) -> None:
     run = tmp_path / "run"
     build_world_run(run, n_prompts=4, block_size=64)
+    with pytest.raises(UserError, match=r"no finished SFT model .*sft/done\.json"):  # a model, but not finished
+        call(eval_command, run=run, device="cpu")
+    write_done(run / "sft", {"stage": "sft"})
+    with pytest.raises(UserError, match=r"--max-new-tokens 64: must be at least 1 and leave room for a prompt"):
+        call(eval_command, run=run, max_new_tokens=64, device="cpu")  # the model's context is 64 tokens
     (run / "sft" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="SFT model"):
         call(eval_command, run=run, device="cpu")
     assert not (run / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finished models only; each model's figures cached; stopped and resumed
+
+
+def few_cloze_items(monkeypatch) -> None:
+    real_items = evaluate.fact_cloze_items  # the few-shot items of every person would take most of the time
+    monkeypatch.setattr(evaluate, "fact_cloze_items", lambda *a, **k: real_items(*a, **k)[:10])
+
+
+def four_model_run(root: Path) -> Path:
+    """RUN/world and four finished models (sft, and ppo, ppo_ptx and dpo: the SFT model with noise of three
+    sizes added, so that their replies differ), as eval finds them in a run folder."""
+    import shutil
+
+    from instructgpt.checkpoint import load_model, save_model
+
+    run = root / "run"
+    build_world_run(run, n_prompts=4, block_size=64)
+    for i, stage in enumerate(("ppo", "ppo_ptx", "dpo")):
+        model = load_model(run / "sft")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * (i + 1) * torch.randn_like(p, generator=torch.Generator().manual_seed(i)))
+        save_model(model, run / stage)
+        shutil.copy(run / "sft" / "tokenizer.json", run / stage / "tokenizer.json")
+    for stage in ("sft", "ppo", "ppo_ptx", "dpo"):
+        write_done(run / stage, {"stage": stage})
+    return run
+
+
+def test_eval_leaves_out_unfinished_models_and_evaluates_again_only_what_changed(tmp_path: Path, monkeypatch,
+                                                                                 capsys) -> None:
+    few_cloze_items(monkeypatch)
+    run = four_model_run(tmp_path)
+    (run / "dpo" / "done.json").unlink()  # dpo is being trained again: its model is the previous run's
+    evaluated: list[str] = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda name, *a: (evaluated.append(name), real(name, *a))[1])
+    args = dict(run=run, max_new_tokens=4, max_prompts=3, batch_size=2, device="cpu")
+    first = call(eval_command, **args)
+    assert set(first["models"]) == {"sft", "ppo", "ppo_ptx"} and sorted(evaluated) == ["ppo", "ppo_ptx", "sft"]
+    assert "dpo: left out, not finished" in capsys.readouterr().out
+    results = (run / "eval" / "results.json").read_bytes()
+
+    evaluated.clear()  # nothing changed: nothing is evaluated again, and the file is the same, byte for byte
+    assert call(eval_command, **args) == first and evaluated == []
+    assert (run / "eval" / "results.json").read_bytes() == results
+
+    write_done(run / "dpo", {"stage": "dpo"})  # dpo finished; ppo was trained again
+    import shutil
+
+    shutil.copy(run / "ppo_ptx" / "model.safetensors", run / "ppo" / "model.safetensors")
+    evaluated.clear()
+    cached = call(eval_command, **args)
+    assert sorted(evaluated) == ["dpo", "ppo"]
+    # the slow twin: the same figures as an evaluation that caches nothing
+    fresh = call(eval_command, **args, out=tmp_path / "fresh" / "results.json")
+    assert cached == fresh and cached["models"]["ppo"] != first["models"]["ppo"]
+    assert (run / "eval" / "results.json").read_bytes() == (tmp_path / "fresh" / "results.json").read_bytes()
+
+
+def test_eval_killed_at_a_random_moment_resumes_to_the_same_results(tmp_path: Path, monkeypatch) -> None:
+    import random
+    import sys
+
+    from test_collect import kill_when
+
+    few_cloze_items(monkeypatch)
+    run = four_model_run(tmp_path)
+    args = dict(max_new_tokens=4, max_prompts=4, batch_size=1, device="cpu")
+    reference = call(eval_command, run=run, out=tmp_path / "ref" / "results.json", **args)
+    seed = random.SystemRandom().randrange(2**32)  # not the global generator, which the stages seed
+    rng = random.Random(seed)
+    k, delay = rng.randint(1, 3), rng.uniform(0, 0.05)  # a random moment after the k-th model's figures are saved
+    script = ("import sys; from instructgpt import evaluate; real = evaluate.fact_cloze_items; "
+              "evaluate.fact_cloze_items = lambda *a, **k: real(*a, **k)[:10]; from instructgpt.cli import main; "
+              "main(sys.argv[1:])")
+    cmd = [sys.executable, "-c", script, "eval", "--run", str(run), "--max-new-tokens", "4", "--max-prompts", "4",
+           "--batch-size", "1", "--device", "cpu"]
+    cache = run / "eval" / "cache"
+    assert kill_when(cmd, lambda: len(list(cache.glob("*.json"))) >= k, delay, tmp_path / "log.txt"), f"seed {seed}"
+    assert not (run / "eval" / "results.json").exists() and 1 <= len(list(cache.glob("*.json"))) < 4
+    evaluated: list[str] = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda name, *a: (evaluated.append(name), real(name, *a))[1])
+    assert call(eval_command, run=run, **args) == reference
+    assert len(evaluated) < 4  # the models cached before the kill were not evaluated again
+    assert (run / "eval" / "results.json").read_bytes() == (tmp_path / "ref" / "results.json").read_bytes()

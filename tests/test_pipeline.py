@@ -1,10 +1,19 @@
 """The main job end to end at smoke size: every stage runs, every file of the run layout exists, and
-results.json has the documented schema. A second invocation skips every finished stage."""
+results.json has the documented schema. A second invocation skips every finished stage; a finished stage whose
+inputs changed runs again; a pipeline killed at a random moment, run again, ends with the files of an
+uninterrupted run."""
 
 import json
+import random
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
+from test_collect import kill_when
 
+from instructgpt import pipeline
+from instructgpt.checkpoint import DONE
 from instructgpt.cli import main
 
 MODEL_KEYS = {"win_rate_vs_sft", "win_rate_ci95", "labeler_score", "pretrain_val_loss", "hallucination_rate",
@@ -19,7 +28,7 @@ def run(tmp_path_factory):
 
 
 def test_every_file_of_the_run_layout_exists(run):
-    expected = ["pipeline.json", "tokenizer/tokenizer.json", "data/meta.json", "data/rankings.jsonl",
+    expected = ["pipeline.json", "tokenizer/tokenizer.json", "data/meta.json", "collect/rankings.jsonl",
                 "eval/results.json", "report.html", "report.md", "plots/win_rate.png", "plots/losses.png",
                 "plots/ppo.png", "plots/families.png", "world/corpus.txt", "world/prompts_eval.jsonl"]
     for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo"):
@@ -27,14 +36,17 @@ def test_every_file_of_the_run_layout_exists(run):
                                               "metrics.jsonl", "done.json")]
     missing = [f for f in expected if not (run / f).is_file()]
     assert not missing
+    assert not (run / "collect" / "rankings.jsonl.chunks").exists()  # the collection's chunks, once published
 
 
 def test_results_schema(run):
     r = json.loads((run / "eval" / "results.json").read_text())
-    assert r["preset"] == "smoke" and r["seed"] == 0
+    manifest = json.loads((run / "pipeline.json").read_text())  # the run's own record; results.json is eval's
+    assert manifest["preset"] == "smoke" and manifest["seed"] == 0
     assert set(r["models"]) == {"pretrained", "sft", "ppo", "ppo_ptx", "dpo"}
     assert 0.0 <= r["rm"]["accuracy"] <= 1.0
-    assert set(r["stage_seconds"]) >= {"world", "prepare", "pretrain", "sft", "collect", "rm", "ppo", "eval"}
+    assert set(manifest["stage_seconds"]) == set(manifest["inputs"]) == set(pipeline.STAGES)
+    assert manifest["inputs"]["rm"].keys() == {"sft", "collect", "world"}
     for name, m in r["models"].items():
         assert MODEL_KEYS <= set(m), name
         lo, hi = m["win_rate_ci95"]
@@ -57,10 +69,19 @@ def test_report_embeds_its_plots(run):
     assert "Win rate against SFT" in md and "Alignment tax" in md
 
 
-def test_a_second_run_skips_finished_stages(run, capsys):
+def test_a_second_run_skips_finished_stages_and_rewrites_nothing(run, capsys):
+    before = {f: f.read_bytes() for f in (run / "eval" / "results.json", run / "pipeline.json", run / "report.html")}
     main(["pipeline", "--preset", "smoke", "--out", str(run)])
     out = capsys.readouterr().out
     assert out.count("done, skipped") == 11
+    assert {f: f.read_bytes() for f in before} == before  # eval's results.json is eval's alone
+
+
+def test_a_torn_manifest_is_an_error_naming_it(tmp_path, capsys):
+    (tmp_path / "pipeline.json").write_text('{\n  "preset": "smo')
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--preset", "smoke", "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"{tmp_path / 'pipeline.json'}:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_a_run_folder_of_another_preset_is_refused(run):
@@ -98,7 +119,7 @@ def test_a_recipe_runs_its_stages_on_the_users_files_each_from_the_one_before(ru
     before it (rm and dpo from sft, ppo scored by rm), on files outside any world folder's layout."""
     demos, rankings, prompts = (tmp_path / n for n in ("demos.jsonl", "rankings.jsonl", "prompts.jsonl"))
     demos.write_text((run / "world" / "sft_train.jsonl").read_text())
-    rankings.write_text((run / "data" / "rankings.jsonl").read_text())
+    rankings.write_text((run / "collect" / "rankings.jsonl").read_text())
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(8)))
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(f"""out: {tmp_path / 'mine'}
@@ -133,3 +154,115 @@ def test_a_misspelled_key_in_a_recipe_names_the_key_the_file_and_the_stage(tmp_p
     with pytest.raises(SystemExit):
         main(["pipeline", "--recipe", str(recipe)])
     assert "unknown stage(s) sfft" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stale stages: the stage runner on a run folder of stand-in stages
+
+
+def fake_stage(run: Path, name: str, calls: list[str], content: str = "1"):
+    """A stand-in for a stage: records that it ran, and writes its result files (the folder of a model stage must
+    be gone when a stale model stage runs again, else its --resume would keep the old one)."""
+
+    def fn():
+        calls.append(name)
+        if name in pipeline.MODEL_STAGES:
+            assert not (run / name / DONE).exists(), f"{name} ran again over its finished folder"
+        for rel in pipeline.RESULT_FILES.get(name, ()):
+            path = run / rel / DONE if rel == "world" else run / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{name} {content}")
+
+    return fn
+
+
+def run_stages(run: Path, manifest: dict, calls: list[str], only=None, contents: dict | None = None) -> None:
+    stage = pipeline.stage_runner(run, manifest, only)
+    for name in ("world", "prepare", "pretrain", "sft", "collect", "rm", "dpo"):
+        marker = run / pipeline.RESULT_FILES[name][0]
+        stage(name, marker / DONE if name == "world" else marker, fake_stage(run, name, calls,
+                                                                            (contents or {}).get(name, "1")))
+
+
+def test_a_finished_stage_whose_inputs_changed_runs_again_and_only_it(tmp_path, capsys):
+    run, calls = tmp_path, []
+    manifest = {"stage_seconds": {}, "inputs": {}}
+    run_stages(run, manifest, calls)
+    assert calls == ["world", "prepare", "pretrain", "sft", "collect", "rm", "dpo"]
+    calls.clear()
+    run_stages(run, manifest, calls)
+    assert calls == []  # nothing changed: everything skipped
+    run_stages(run, manifest, calls, only=["collect"], contents={"collect": "other rankings"})
+    assert calls == ["collect"]
+    calls.clear()
+    run_stages(run, manifest, calls)
+    assert calls == ["rm", "dpo"]  # what read the rankings, nothing before
+    assert "rm: its inputs changed since it ran (collect): running it again" in capsys.readouterr().out
+    assert pipeline.read_json_file(run / "pipeline.json") == manifest  # the record on disk, written atomically
+    calls.clear()
+    run_stages(run, manifest, calls, only=["collect"], contents={"collect": "other rankings"})  # the same again
+    run_stages(run, manifest, calls)
+    assert calls == ["collect"]  # the same output: nothing after it is stale
+
+
+def test_stages_finished_before_inputs_were_recorded_are_kept_and_a_stopped_stage_resumes_only_on_its_inputs(
+        tmp_path):
+    run, calls = tmp_path, []
+    manifest = {"stage_seconds": {}, "inputs": {}}
+    run_stages(run, manifest, calls)
+    legacy = {"stage_seconds": {}, "inputs": {}}  # a run folder of an earlier version: no inputs recorded
+    calls.clear()
+    run_stages(run, legacy, calls)
+    assert calls == [] and legacy["inputs"] == manifest["inputs"]
+    # rm stopped mid-way (no done.json, a checkpoint left): run again on the same inputs, it resumes (its folder kept)
+    (run / "rm" / DONE).unlink()
+    (run / "rm" / "checkpoints").mkdir()
+    run_stages(run, manifest, calls)
+    assert calls == ["rm"] and (run / "rm" / "checkpoints").is_dir()
+    # ... but on other inputs it starts over: its folder is removed first
+    (run / "rm" / DONE).unlink()
+    (run / "collect" / "rankings.jsonl").write_text("collected again, differently")
+    calls.clear()
+    run_stages(run, manifest, calls)
+    assert calls == ["rm", "dpo"] and not (run / "rm" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Killed and run again
+
+
+def same_files(a: Path, b: Path) -> list[str]:
+    """The result files (weights, rankings, results, shards, tokenizers, world) that differ between two run folders
+    (data/meta.json names the run's own paths)."""
+    names = sorted({str(f.relative_to(a)) for f in a.rglob("*") if f.is_file()} |
+                   {str(f.relative_to(b)) for f in b.rglob("*") if f.is_file()})
+    kept = [n for n in names if "checkpoints" not in Path(n).parts and (n.startswith("world/") or n.endswith((
+        ".safetensors", ".bin", "rankings.jsonl", "results.json", "tokenizer.json")))]
+    return [n for n in kept if not ((a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() ==
+                                    (b / n).read_bytes())]
+
+
+def test_a_pipeline_killed_at_a_random_moment_ends_with_the_files_of_an_uninterrupted_run(run, tmp_path, capsys):
+    """SIGKILL once, at a random moment of a random stage (after the pipeline has recorded that the stage
+    started, within the first half of the time the stage took in the uninterrupted run), then run again: every
+    stage resumes or starts over as its files allow, and the result files are those of the uninterrupted run,
+    byte for byte."""
+    seed = random.SystemRandom().randrange(2**32)  # not the global generator, which the stages seed
+    rng = random.Random(seed)
+    stage = rng.choice(pipeline.STAGES[:-1])
+    delay = rng.uniform(0, json.loads((run / "pipeline.json").read_text())["stage_seconds"][stage] / 2)
+    out = tmp_path / "killed"
+
+    def started() -> bool:
+        try:
+            return stage in json.loads((out / "pipeline.json").read_text())["inputs"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return False
+
+    cmd = [sys.executable, "-m", "instructgpt.cli", "pipeline", "--preset", "smoke", "--out", str(out)]
+    killed = kill_when(cmd, started, delay, tmp_path / "log.txt")
+    assert killed, f"the pipeline finished within {delay:.2f} s of starting {stage} (seed {seed})"
+    main(["pipeline", "--preset", "smoke", "--out", str(out)])
+    assert same_files(run, out) == [], f"killed {delay:.2f} s into {stage} (seed {seed})"
+    assert all((out / stage / "model.safetensors").is_file() for stage in pipeline.MODEL_STAGES)
+    shutil.rmtree(out)

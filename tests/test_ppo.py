@@ -344,6 +344,25 @@ def test_a_diverged_update_fails_loudly(world) -> None:
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # no step was taken
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_any_step(world) -> None:
+    """A finite loss can still overflow in its gradient (bf16): the gradient norms are checked before the
+    optimizers step (audit F29), on every rank alike since the norms are global."""
+    tok = world["tok"]
+    policy, ref, value, rm = policy_and_friends(world)
+    ro = rollout(policy, prompt_ids(tok, ["the cat", "a"]), SamplingParams(max_new_tokens=4), tok.eos_id, tok.pad_id,
+                 torch.Generator().manual_seed(0))
+    cfg = PPOConfig(minibatches=1)
+    exp = make_experience(ro, score_rollout(ro, policy, ref, value, rm, runtime()), cfg, cfg.beta)
+    opt_p = train.make_optimizer(policy, train.TrainConfig(), runtime())
+    opt_v = train.make_optimizer(value, train.TrainConfig(), runtime())
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    policy.transformer.h[0].mlp.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(train.DivergedError, match="gradient norm is not finite \\(policy inf"):
+        ppo_update(policy, value, opt_p, opt_v, ro, exp, cfg, runtime(), np.random.default_rng(0), lr=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    assert not opt_p.state  # Adam never stepped
+
+
 # ----------------------------------------------------------------------------------------------------
 # Learning
 

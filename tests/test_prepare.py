@@ -123,12 +123,18 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[Path, str]]:
         (tmp_path / name).write_bytes(content)
         cases.append((tmp_path / name, match))
 
-    add("bad.txt", b"fine\nalso fine\nbroken \xff here\n", r"bad\.txt: line 3: invalid UTF-8 at byte offset 22")
-    add("bad_utf8.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n', r"bad_utf8\.jsonl: line 2: invalid UTF-8")
-    add("notjson.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"notjson\.jsonl: line 2: not valid JSON")
-    add("notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r'notext\.jsonl: line 2: .*"text" field')
-    add("list.jsonl", b'["text"]\n', r'list\.jsonl: line 1: .*"text" field')
-    add("number.jsonl", b'{"text": "a"}\n\n{"text": 7}\n', r'number\.jsonl: line 3: field "text" must be a string')
+    add("bad.txt", b"fine\nalso fine\nbroken \xff here\n", r"bad\.txt:3: invalid UTF-8 at byte offset 22")
+    add("bad_utf8.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n', r"bad_utf8\.jsonl:2: invalid UTF-8")
+    add("notjson.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"notjson\.jsonl:2: not valid JSON")
+    add("notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r'notext\.jsonl:2: .*"text" field')
+    add("list.jsonl", b'["text"]\n', r'list\.jsonl:1: .*"text" field')
+    add("number.jsonl", b'{"text": "a"}\n\n{"text": 7}\n', r'number\.jsonl:3: field "text" must be a string')
+    add("surrogate.jsonl", b'{"text": "ok"}\n{"text": "a\\ud800b"}\n',
+        r'surrogate\.jsonl:2: field "text": not valid Unicode')
+    add("dupkey.jsonl", b'{"text": "a", "text": "b"}\n', r'dupkey\.jsonl:1: not valid JSON: duplicate key "text"')
+    add("nan.jsonl", b'{"text": "a", "score": NaN}\n', r"nan\.jsonl:1: not valid JSON: NaN is not a JSON number")
+    add("deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+        r"deep\.jsonl:1: not valid JSON: nested too deeply")
     add("notparquet.parquet", b"not a parquet file", r"notparquet\.parquet: not a readable parquet file")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     cases.append((tmp_path / "nocol.parquet", r'nocol\.parquet: no "text" column'))
@@ -181,6 +187,28 @@ def test_existing_output_folder(tmp_path: Path, capsys) -> None:
     prepare_command(inputs, out, tokenizer="char")  # a complete result is kept
     assert "already holds prepared shards" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # ... but only for the same request: other settings or changed inputs are refused, not silently kept
+    with pytest.raises(UserError, match=r"prepared with other tokenizer, vocab_size .*delete it"):
+        prepare_command(inputs, out, tokenizer="bpe", vocab_size=300)
+    with pytest.raises(UserError, match=r"prepared with other seed"):
+        prepare_command(inputs, out, tokenizer="char", seed=1)
+    inputs[0].write_text(inputs[0].read_text() + "\n\none more document\n")
+    with pytest.raises(UserError, match=r"prepared with other inputs"):
+        prepare_command(inputs, out, tokenizer="char")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a BOM (EF BB BF); it must not become a character of the first
+    document (with the char tokenizer: a vocabulary entry), and a .jsonl's first line must still parse."""
+    txt, jsonl = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
+    txt.write_bytes(b"\xef\xbb\xbfabc\n\nbad\n")
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "cab"}\n{"text": "dab"}\n')
+    prepare_command([txt, jsonl], tmp_path / "data", tokenizer="char", val_fraction=0.0)
+    meta, train, _ = load_shards(tmp_path / "data")
+    tok = Tokenizer.load(tmp_path / "data")
+    assert sorted(documents(tok, train)) == ["abc", "bad", "cab", "dab"]
+    assert tok.token_to_id("\ufeff") is None and meta["vocab_size"] == 6 + 4  # the specials and a, b, c, d
 
 
 def test_load_shards_errors(tmp_path: Path) -> None:

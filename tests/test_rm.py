@@ -347,3 +347,19 @@ def test_rm_recipe_with_a_misspelled_key_fails(tmp_path: Path, capsys) -> None:
 def test_all_pairs_of_a_ranking() -> None:
     c = Comparison([{"role": "user", "content": "x"}], ["a", "b", "c", "d"], [2, 0, 3, 1])
     assert sorted(c.pairs()) == sorted((c.ranking[i], c.ranking[j]) for i, j in itertools.combinations(range(4), 2))
+
+
+def test_a_non_finite_bias_shift_is_refused() -> None:
+    """Centring the reward on a NaN mean would make every reward NaN: the stage stops instead (audit F29)."""
+    from instructgpt.rm import normalise_bias
+    from instructgpt.train import DivergedError
+
+    tok = Tokenizer.train_char(["hello world, hi"])
+    rm = tiny_scalar(V=tok.vocab_size)
+    assert normalise_bias(rm, tok, [[{"role": "user", "content": "hi"}]], ["hello"]) != 0
+    with torch.no_grad():
+        rm.score_head.weight.fill_(float("nan"))
+    bias = rm.score_head.bias.clone()
+    with pytest.raises(DivergedError, match="mean score on the 1 responses .* is nan"):
+        normalise_bias(rm, tok, [[{"role": "user", "content": "hi"}]], ["hello"])
+    assert torch.equal(rm.score_head.bias, bias)

@@ -265,3 +265,164 @@ def test_nothing_is_unpickled() -> None:
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{file}: {call}"
         assert not re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M), file
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-finite steps are never taken (audit F5, F30)
+
+
+def nan_loss_sum(model, batch):
+    return loss_sum(model, batch) * float("nan")
+
+
+def adam_state(opt) -> list:
+    return [(s["step"].clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for s in opt.state.values()]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+def test_a_non_finite_step_raises_before_the_optimizer_moves() -> None:
+    """sync=True: the step stops with DivergedError (a UserError: the CLI prints it and exits 2), naming the
+    step, and neither the weights nor Adam's moments or step count have moved."""
+    model, opt, cfg, rt, batch = trained(2, dropout=0.0)
+    weights, moments = [p.clone() for p in model.parameters()], adam_state(opt)
+    with pytest.raises(train.DivergedError, match="step 3: loss nan") as e:
+        train_step(model, opt, [batch], nan_loss_sum, n_targets, cfg, rt, 2)
+    assert isinstance(e.value, UserError)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())) and same(moments, adam_state(opt))
+    assert all(p.grad is None for p in model.parameters())  # a caller that goes on starts from clean gradients
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_unsynced_non_finite_step_is_skipped_and_reported_at_the_next_check(fused: bool) -> None:
+    """sync=False: the step is skipped on the device (fused AdamW's found_inf; other optimizers on the host)
+    and the guard names it at the next check. Its slow twin: the same run that never took that step."""
+    model, opt, cfg, rt, batch = trained(2, dropout=0.0)
+    if not fused:
+        opt.defaults["fused"] = None  # the host-side path, as any optimizer without found_inf takes
+    twin, twin_opt, *_ = trained(2, dropout=0.0)
+    guard = train.FiniteGuard(rt.device)
+    guard.check()  # nothing recorded yet
+    train_step(model, opt, [batch], nan_loss_sum, n_targets, cfg, rt, 2, sync=False, guard=guard)
+    for s in (3, 4):  # the run goes on, unsynced, as pretraining between logs does
+        train_step(model, opt, [batch], loss_sum, n_targets, cfg, rt, s, sync=False, guard=guard)
+        train_step(twin, twin_opt, [batch], loss_sum, n_targets, cfg, rt, s)
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters()))
+    assert same(adam_state(twin_opt), adam_state(opt))
+    with pytest.raises(train.DivergedError, match="step 3: loss nan"):
+        guard.check()
+
+
+def test_clip_and_check_stops_on_a_non_finite_gradient_of_a_finite_loss() -> None:
+    model = tiny_model()
+    x = torch.randint(0, V, (2, 16))
+    loss_sum(model, (x, x)).backward()
+    norms = train.clip_and_check({"policy": model}, 1.0)
+    assert norms["policy"] > 0 and math.isfinite(norms["policy"])
+    model.lm_head.weight.grad[0, 0] = float("inf")  # a finite loss, an overflowed gradient (bf16)
+    with pytest.raises(train.DivergedError, match="gradient norm is not finite \\(policy inf"):
+        train.clip_and_check({"policy": model}, 0.0)
+    with pytest.raises(UserError, match="--lr must be positive and finite"):
+        TrainConfig(lr=float("inf")).validate()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming only what the checkpoint's run was (audit F22)
+
+
+def test_a_resume_with_other_settings_names_them() -> None:
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Args:
+        data: list[Path]
+        out: Path
+        epochs: float = 1.0
+        train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=8, grad_accum=1))
+
+    rt = distributed.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=None)
+    data = Path(__file__)
+    before = train.run_fingerprint(Args([data], Path("a")), rt, 100)
+    assert before["--data"][0]["bytes"] == data.stat().st_size and len(before["--data"][0]["sha256"]) == 64
+    same_run = [Args([data], Path("elsewhere")),  # where it writes is not part of the run
+                Args([data], Path("a"), train=TrainConfig(batch_size=4, grad_accum=2, device="cpu", log_interval=1))]
+    for args in same_run:
+        train.check_resume({"step": 40, "fingerprint": before}, train.run_fingerprint(args, rt, 100), Path("ckpt"))
+    rt2 = distributed.Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=None, world_size=2)
+    cases = [
+        (Args([data], Path("a"), train=TrainConfig(batch_size=4)), rt, r"examples per step \(--batch-size.*8 then, 4"),
+        (Args([data], Path("a")), rt2, "examples per step"),  # two processes: twice the examples per step
+        (Args([Path(train.__file__)], Path("a")), rt, r"--data \(other files"),
+        (Args([data], Path("a"), train=TrainConfig(batch_size=8, lr=1e-3, seed=2)), rt, "--lr .*; --seed"),
+        (Args([data], Path("a"), epochs=2.0), rt, "--epochs"),
+    ]
+    for args, runtime, message in cases:
+        with pytest.raises(UserError, match=message):
+            train.check_resume({"step": 40, "fingerprint": before}, train.run_fingerprint(args, runtime, 100),
+                               Path("ckpt"))
+    # the run's length may change from the checkpoint of its last step only: training further
+    longer = train.run_fingerprint(Args([data], Path("a"), epochs=2.0), rt, 200)
+    train.check_resume({"step": 100, "fingerprint": before}, longer, Path("ckpt"))
+    with pytest.raises(UserError, match="--max-steps \\(100 then, 200 now\\)"):
+        train.check_resume({"step": 40, "fingerprint": before}, longer, Path("ckpt"))
+    train.check_resume({"step": 40}, longer, Path("ckpt"))  # written before fingerprints: taken as it is
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    setup(TrainConfig(device="cpu", dist_timeout=7.5))
+    assert seen["timeout"].total_seconds() == 450 and seen["backend"] == "gloo"
+    with pytest.raises(UserError, match="--dist-timeout"):
+        TrainConfig(dist_timeout=0).validate()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Crash leftovers, re-saves, logs
+
+
+def test_a_crash_between_the_renames_of_a_resave_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Saving a step (or best/) that exists moves the old copy aside until the new one is in place (audit F18);
+    a crash in between leaves `.prev-*`, which the sweep at the next start puts back."""
+    model, opt, *_ = trained(1)
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(4, {"model": model}, {"model": opt}, {"copy": "old"})
+    ckpt.save_best(model, {"step": 4})
+    real_rename = train_os_rename = __import__("os").rename
+
+    def crash_on_publish(src, dst, *a, **k):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # killed between moving the old copy aside and publishing the new one
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr("instructgpt.checkpoint.os.rename", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(4, {"model": model}, {"model": opt}, {"copy": "new"})
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_best(model, {"step": 5})
+    monkeypatch.setattr("instructgpt.checkpoint.os.rename", train_os_rename)
+    assert ckpt.latest() is None and ckpt.best_model_path() is None  # each copy is only under its .prev- name
+    # what else a kill leaves: a temporary step, a half-pruned one, the temporary file of an atomic write
+    (tmp_path / "checkpoints" / ".tmp-step_0000009" / "model").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".old-step_0000001").mkdir()
+    (tmp_path / ".model.safetensors.tmp-x1y2").write_bytes(b"half")
+    ckpt.sweep()
+    assert ckpt.state_of(ckpt.latest())["copy"] == "old"
+    assert json.loads((ckpt.best_model_path() / "best.json").read_text()) == {"step": 4}
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+
+
+def test_metrics_readers_skip_a_torn_last_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: skipped a torn last line"):
+        assert train.read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+    with pytest.raises(UserError, match="metrics.jsonl:1: not a JSON row"):
+        train.read_metrics(path)

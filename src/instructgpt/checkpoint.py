@@ -16,22 +16,25 @@ holds one full copy in CPU memory: enough for the models this project trains; to
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .distributed import barrier, is_sharded, rank_and_world, unwrap
+from .distributed import barrier, is_sharded, launch_rank, rank_and_world, unwrap
 from .errors import UserError
 from .model import GPT, ModelConfig, ScalarModel, Seq2Seq, build_model
 
@@ -74,30 +77,50 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write(path: Path, write) -> None:
+def publish_mode(path: str | Path, folder: bool = False) -> None:
+    """The mode open() would have given (mkstemp and safetensors make 0600 files, whatever the umask), so that
+    whoever may read OUT can read the weights, not only their config."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+def atomic_write(path: Path, write, sync: bool = True) -> None:
+    """`write(tmp)` into a temporary file beside `path`, flushed to disk, then renamed over `path`: a crash
+    leaves the old file or the new one. Temporary names are `.NAME.tmp-*`, which `Checkpointer.sweep` removes.
+    sync=False leaves the flush to the caller (a checkpoint fsyncs its whole temporary folder once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        publish_mode(tmp)
+        if sync:
+            _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if sync:
+        _fsync(path.parent)
 
 
 def save_model(model: nn.Module, folder: str | Path, extra: dict | None = None,
-               tensors: dict[str, Tensor] | None = None) -> None:
+               tensors: dict[str, Tensor] | None = None, sync: bool = True) -> None:
     """Write `folder/model.safetensors` and `folder/config.json` (each file atomically). `tensors`: the
-    weights already gathered from a sharded model (`model_tensors`); by default the model's own."""
+    weights already gathered from a sharded model (`model_tensors`); by default the model's own.
+
+    The old config.json goes first and the new one comes last: a crash in between leaves weights without a
+    config (refused on loading), never new weights beside an old config that may describe another shape."""
     folder = Path(folder)
     model = unwrap(model)
     config = {"kind": model_kind(model), "model": model.config.to_dict(), **(extra or {})}
     if tensors is None:
         tensors = state_dict_for_saving(model)
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    (folder / CONFIG).unlink(missing_ok=True)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), sync)
+    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"), sync)
 
 
 def read_config(folder: str | Path) -> dict:
@@ -149,6 +172,36 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read safetensors weights ({e})") from None
 
 
+def check_shapes(cfg: ModelConfig, scalar: bool, path: Path) -> None:
+    """The weights' header (no tensor read) against the model that config.json describes, built on the meta
+    device (no memory): a corrupted or crafted config (n_embd = 10**6) fails here, not out of memory later.
+    A tied pair of parameters is stored under one of its names."""
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no {path.name}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {canonical_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read safetensors weights ({e})") from None
+    with torch.device("meta"):
+        model = build_model(cfg, scalar=scalar)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names: dict[int, set[str]] = {}  # parameter -> every name it has (several when tied)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), set()).add(name)
+    aliases = {name: group for group in names.values() for name in group}
+    missing = sorted(k for k in expected if not aliases.get(k, {k}) & shapes.keys())
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        parts = [f"{what}: {', '.join(keys)}" for what, keys in (("missing key(s)", missing),
+                                                                ("unexpected key(s)", unexpected)) if keys]
+        raise UserError(f"{path}: weights do not match the model: {'; '.join(parts)}")
+    for key, shape in shapes.items():
+        if shape != expected[key]:
+            raise UserError(f"{path}: {key} has shape {shape}, the model expects {expected[key]} "
+                            "(its config.json describes another model than these weights)")
+
+
 def load_model(folder: str | Path, kind: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the model `folder/config.json` describes and load its weights strictly.
 
@@ -159,17 +212,15 @@ def load_model(folder: str | Path, kind: str | None = None, device: str | torch.
     config = read_config(folder)
     stored = config["kind"]
     cfg = ModelConfig.from_dict(config["model"])
+    if kind is not None and kind != stored and not (kind == "scalar" and stored == "gpt"):
+        raise UserError(f"{folder}: holds a {stored!r} model, expected {kind!r}")
+    check_shapes(cfg, stored == "scalar", folder / WEIGHTS)
     tensors = load_tensors(folder / WEIGHTS)
-    if kind is None or kind == stored:
-        model = build_model(cfg, scalar=stored == "scalar")
-        load_state_dict(model, tensors, str(folder / WEIGHTS))
-    elif kind == "scalar" and stored == "gpt":
-        model = build_model(cfg, scalar=True)
+    model = build_model(cfg, scalar="scalar" in (kind, stored))
+    if kind != stored and kind is not None:  # a reward model from a language model
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
         tensors.update({k: v for k, v in model.state_dict().items() if k.startswith("score_head.")})
-        load_state_dict(model, tensors, str(folder / WEIGHTS))
-    else:
-        raise UserError(f"{folder}: holds a {stored!r} model, expected {kind!r}")
+    load_state_dict(model, tensors, str(folder / WEIGHTS))
     return model.to(device)
 
 
@@ -213,7 +264,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-
 def rng_state() -> dict:
     """Every global generator's state, as tensors, ints and lists only (loadable with weights_only)."""
     np_state = np.random.get_state(legacy=False)
@@ -243,7 +293,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 
 def _full(t: Tensor) -> Tensor:
@@ -280,7 +329,6 @@ def model_tensors(model: nn.Module) -> dict[str, Tensor] | None:
     return out if rank_and_world()[0] == 0 else None
 
 
-
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
     """optimizer.state_dict() with full tensors, on rank 0 (None elsewhere); a collective under FSDP."""
     state = optimizer.state_dict()
@@ -300,7 +348,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             if isinstance(v, Tensor) and hasattr(p, "full_tensor") and tuple(v.shape) == tuple(p.shape):
                 s[k] = _shard_like(v, p)
     optimizer.load_state_dict(state)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,27 +397,39 @@ class Checkpointer:
         if rank == 0:
             try:
                 for name, model in models.items():
-                    save_model(model, tmp / name, extra_config, weights[name])
+                    save_model(model, tmp / name, extra_config, weights[name], sync=False)
                 for name, state_dict in optim.items():
                     torch.save(state_dict, tmp / "state" / f"optim_{name}.pt")
-                write_json_atomic(tmp / "state" / "state.json", {"step": step, **state})
+                write_json_atomic(tmp / "state" / "state.json", {"step": step, **state}, sync=False)
                 (tmp / self.COMPLETE).write_text(f"{step}\n")
                 _fsync_tree(tmp)
-                if final.exists():  # the same step saved again (e.g. after a resume): replace it
-                    old = self.root / f".old-step_{step:07d}"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.rename(final, old)
-                    os.rename(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, final)
-                _fsync(self.root)
+                _replace_folder(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self._prune()
         barrier()
         return final
+
+    def sweep(self) -> None:
+        """Clear what a killed run left in OUT (under the folder's lock, before anything else): unfinished saves
+        (`.tmp-*`), half-pruned steps (`.old-*`), temporary files of atomic writes (`.NAME.tmp-*`); a step (or
+        best/) that a re-save had moved aside (`.prev-*`) and not replaced yet is put back."""
+        for parent in (self.root, self.out):
+            if not parent.is_dir():
+                continue
+            for path in sorted(parent.iterdir()):
+                name = path.name
+                if name.startswith(".prev-") and path.is_dir():
+                    final = path.with_name(name.removeprefix(".prev-"))
+                    if not final.exists() and ((path / self.COMPLETE).is_file() or (path / "best.json").is_file()):
+                        os.rename(path, final)
+                    else:
+                        shutil.rmtree(path)
+                elif name.startswith((".tmp-", ".old-")) and path.is_dir():
+                    shutil.rmtree(path)
+                elif name.startswith(".") and ".tmp" in name and path.is_file():
+                    path.unlink()
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -388,15 +447,10 @@ class Checkpointer:
         if rank_and_world()[0] == 0:
             tmp = self.out / ".tmp-best"
             shutil.rmtree(tmp, ignore_errors=True)
-            self._export_into(tmp, models_or_model, weights, None)
-            write_json_atomic(tmp / "best.json", record)
+            self._export_into(tmp, models_or_model, weights, None, sync=False)
+            write_json_atomic(tmp / "best.json", record, sync=False)
             _fsync_tree(tmp)
-            old_dir = self.out / ".old-best"
-            shutil.rmtree(old_dir, ignore_errors=True)
-            if best.exists():
-                os.rename(best, old_dir)
-            os.rename(tmp, best)
-            shutil.rmtree(old_dir, ignore_errors=True)
+            _replace_folder(tmp, best)
         barrier()
         return best
 
@@ -422,12 +476,12 @@ class Checkpointer:
         return {name: model_tensors(model) for name, model in models_or_model.items()}
 
     @staticmethod
-    def _export_into(folder: Path, models_or_model, weights: dict, extra: dict | None) -> None:
+    def _export_into(folder: Path, models_or_model, weights: dict, extra: dict | None, sync: bool = True) -> None:
         if isinstance(models_or_model, nn.Module):
-            save_model(models_or_model, folder, extra, weights[None])
+            save_model(models_or_model, folder, extra, weights[None], sync)
         else:
             for name, model in models_or_model.items():
-                save_model(model, folder / name, extra, weights[name])
+                save_model(model, folder / name, extra, weights[name], sync)
 
     # -- finding and loading ------------------------------------------------------------------------
 
@@ -447,6 +501,10 @@ class Checkpointer:
         found = self.complete()
         return found[-1] if found else None
 
+    def state_of(self, path: Path) -> dict:
+        """The stage's state.json of a step folder, without loading anything else."""
+        return json.loads((Path(path) / "state" / "state.json").read_text())
+
     def load(self, path: Path, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
         """Load weights (strictly), optimizer states and RNG states from a step folder; return its state."""
         path = Path(path)
@@ -465,9 +523,20 @@ class Checkpointer:
         if not rng_file.is_file():
             raise UserError(f"{path}: no RNG state for rank {rank} (saved with a different number of ranks?)")
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-        return json.loads((path / "state" / "state.json").read_text())
+        return self.state_of(path)
 
 
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Publish the complete folder `tmp` as `final`. A `final` that exists (a step saved again after a resume,
+    best/) is moved aside to `.prev-NAME` and deleted once the new one is in place: a crash in between leaves
+    `.prev-NAME`, which `Checkpointer.sweep` puts back."""
+    prev = final.with_name(f".prev-{final.name}")
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.rename(final, prev)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(prev, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,8 +545,8 @@ class Checkpointer:
 DONE = "done.json"  # written last, atomically: the stage completed
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+def write_json_atomic(path: Path, obj: dict, sync: bool = True) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"), sync)
 
 
 def check_out(out: Path, resume: bool, what: str) -> None:
@@ -494,6 +563,42 @@ def check_out(out: Path, resume: bool, what: str) -> None:
     if Checkpointer(out).latest() is not None:
         raise UserError(f"--out {out} holds checkpoints of an unfinished {what} run; pass --resume to continue "
                         "it, or choose another --out")
+
+
+LOCK = ".lock"  # flock-ed by the process writing the folder
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT/.lock while a stage writes OUT (the main rank): a second process on the same
+    --out stops at once instead of mixing its files with the first one's. Under the lock, what a killed run left
+    is swept (`Checkpointer.sweep`). On an error, folders it created holding nothing but the lock are removed."""
+    out = Path(out)
+    if launch_rank() != 0:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another instructgpt process is writing {out} (it holds {out / LOCK}); wait for it to "
+                        "finish, or choose another --out") from None
+    try:
+        Checkpointer(out).sweep()
+        yield
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            for folder in created:
+                folder.rmdir()
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_done(out: Path) -> dict | None:

@@ -19,6 +19,7 @@ from .chat_cli import chat_command
 from .collect import collect_command
 from .distributed import finish_distributed
 from .dpo import dpo_command
+from .errors import UserError
 from .evaluate import eval_command
 from .hf import export_command, import_command
 from .pipeline import pipeline_command
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         run(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        # ValueError covers UserError and the models' own checks; set INSTRUCTGPT_DEBUG=1 for a traceback.
+    except (UserError, FileNotFoundError) as e:
+        # A mistake the user can fix (a flag, a file): one line that names it. Any other exception, a ValueError
+        # included, is a bug or a broken state and keeps its traceback. INSTRUCTGPT_DEBUG=1: a traceback always.
         if os.environ.get("INSTRUCTGPT_DEBUG"):
             raise
         print(f"instructgpt: error: {e}", file=sys.stderr)

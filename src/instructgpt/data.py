@@ -39,6 +39,9 @@ prompts (`read_prompts`)
 Keys a format does not use are passed through in ``meta``. A prompt's ``meta`` keeps everything that
 was not needed to build the prompt (a completion, a GSM8K answer), which evaluation can use as reference.
 
+JSON is read strictly (see `records`): a duplicate key, NaN or Infinity, JSON nested deeper than Python can
+parse, and a string with a lone surrogate (``"\\ud800"``, which no tokenizer can take) make a record invalid.
+
 Invalid records: by default the first one raises `UserError`. With ``skip_invalid=True`` each invalid
 record is skipped and the reader's result (a `Records`, which is a list) carries a `ReadReport` in its
 ``report`` attribute with the count and the message of each skipped record; a `UserWarning` also says

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 import random
 from collections.abc import Callable
@@ -71,11 +72,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (RANK), 0 otherwise; known before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
 def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, compile: bool | None = None,
-                 fsdp: bool = False) -> Runtime:
+                 fsdp: bool = False, timeout_minutes: float = 30.0) -> Runtime:
     """Pick the device and dtype, seed every generator, size the CPU thread pool, enable TF32 on CUDA,
-    and join the process group when started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK)."""
-    rank = int(os.environ.get("RANK", 0))
+    and join the process group when started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK).
+
+    `timeout_minutes` bounds every collective: when a rank dies without an elastic agent to stop the job
+    (srun, mpirun) or hangs, the others fail after this long instead of waiting for NCCL's or gloo's own
+    default, which differs by backend and version."""
+    rank = launch_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
 
@@ -90,7 +100,8 @@ def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, co
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                             timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
         atexit.register(_leave_process_group)
 
     dtype_name = dtype

@@ -24,7 +24,7 @@ import torch.nn as nn
 from . import train
 from .batching import IGNORE, EpochSampler, pad_labelled
 from .chat import render_prompt, render_response
-from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
+from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import ended_flags, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
@@ -171,6 +171,8 @@ class Run:
     trn: list[dict]  # training pairs, with their reference log-probabilities once scored
     val: list[dict]  # held-out pairs
     every: int  # held-out metrics every this many steps
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
+    ref: nn.Module | None = None  # the reference, only while pairs are scored
 
 
 def load(args: DPOArgs) -> Run:
@@ -198,23 +200,29 @@ def load(args: DPOArgs) -> Run:
     _, total_steps = train.epoch_schedule(len(trn), args.epochs, given.max_steps, cfg, runtime)
     cfg.checkpoint_interval = cfg.checkpoint_interval or total_steps
     every = cfg.eval_interval or max(1, total_steps // 5)
-    return Run(cfg, runtime, tok, model, trn, val, every)
+    return Run(cfg, runtime, tok, model, trn, val, every, train.run_fingerprint(args, runtime, total_steps))
 
 
 def score_reference(args: DPOArgs, run: Run) -> None:
     """The reference's log-probabilities, once for the whole run, of the pairs the run will visit (a replay of
     the sampler: a short run over many pairs scores only its steps' pairs); then the reference is freed."""
-    dev = run.runtime.device
-    ref = load_model(args.init, kind="gpt", device=dev).requires_grad_(False)
-    if run.runtime.fsdp:  # every rank scores every pair, so the sharded forward runs in step on all of them
-        shard_model(ref, run.runtime)
     replay = EpochSampler(len(run.trn), run.cfg.seed)
     per_step = train.examples_per_step(run.cfg, run.runtime)
     visited = sorted({i for _ in range(run.cfg.max_steps) for i in replay.take(per_step)})
+    score_pairs(args, run, [run.trn[i] for i in visited])
+    score_pairs(args, run, run.val)
+    run.ref = None
+
+
+def score_pairs(args: DPOArgs, run: Run, pairs: list[dict]) -> None:
+    """Reference log-probabilities of `pairs` (the same list on every rank: under FSDP the sharded forward runs
+    in step on all of them); the reference is loaded if it is not (and kept in run.ref)."""
+    if run.ref is None:
+        run.ref = load_model(args.init, kind="gpt", device=run.runtime.device).requires_grad_(False)
+        if run.runtime.fsdp:
+            shard_model(run.ref, run.runtime)
     with run.runtime.autocast():
-        reference_logprobs(ref, [run.trn[i] for i in visited], run.tok.pad_id, dev)
-        reference_logprobs(ref, run.val, run.tok.pad_id, dev)
-    del ref
+        reference_logprobs(run.ref, pairs, run.tok.pad_id, run.runtime.device)
 
 
 @dataclass
@@ -240,6 +248,7 @@ def start(args: DPOArgs, run: Run) -> Loop:
     ckpt = Checkpointer(args.out, keep_last=run.cfg.keep_last)
     step, before = 0, None
     if run.cfg.resume and (latest := ckpt.latest()) is not None:
+        train.check_resume(ckpt.state_of(latest), run.fingerprint, latest)
         state = ckpt.load(latest, {"model": run.model}, {"optimizer": optimizer})
         step, before = state["step"], state.get("before")
         sampler.restore(state["sampler"])
@@ -270,8 +279,12 @@ def train_loop(args: DPOArgs, run: Run, loop: Loop) -> dict | None:
     run.model.train()
     after = None  # the held-out metrics of the last step, evaluated once
     while loop.step < cfg.max_steps:
-        micro = [pair_batch(run.trn, rank_rows(loop.sampler.take(cfg.batch_size * runtime.world_size), runtime),
-                            pad_id, dev) for _ in range(cfg.grad_accum)]
+        micro = []
+        for _ in range(cfg.grad_accum):
+            idx = loop.sampler.take(cfg.batch_size * runtime.world_size)  # the global batch, the same on every rank
+            if missing := sorted({i for i in idx if "ref_w" not in run.trn[i]}):  # never, unless the replay missed
+                score_pairs(args, run, [run.trn[i] for i in missing])
+            micro.append(pair_batch(run.trn, rank_rows(idx, runtime), pad_id, dev))
         seen.clear()
         stats = train.train_step(loop.fwd, loop.optimizer, micro, loss_sum, lambda b: b["ref"].size(0), cfg,
                                  runtime, loop.step)
@@ -288,7 +301,8 @@ def train_loop(args: DPOArgs, run: Run, loop: Loop) -> dict | None:
             loop.log.write(row)
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
             loop.ckpt.save(step, {"model": run.model}, {"optimizer": loop.optimizer},
-                           {"step": step, "sampler": loop.sampler.state(), "before": loop.before})
+                           {"step": step, "sampler": loop.sampler.state(), "before": loop.before,
+                            "fingerprint": run.fingerprint})
         progress.update(step, stats)
     progress.close()
     return after
@@ -319,21 +333,22 @@ def dpo_command(args: DPOArgs) -> dict:
     returns the summary that done.json holds (that of the finished run, with --resume on one).
     """
     t0 = time.time()
-    check_args(args)
-    if args.train.resume and (summary := read_done(args.out)) is not None:
-        print(json.dumps(summary))
-        return summary
+    with writing(args.out):  # OUT/.lock: one process writes OUT at a time
+        check_args(args)
+        if args.train.resume and (summary := read_done(args.out)) is not None:
+            print(json.dumps(summary))
+            return summary
 
-    # 1. read and encode the data, load the policy
-    run = load(args)
+        # 1. read and encode the data, load the policy
+        run = load(args)
 
-    # 2. the reference's log-probabilities of the pairs, once; then the reference is freed
-    score_reference(args, run)
+        # 2. the reference's log-probabilities of the pairs, once; then the reference is freed
+        score_reference(args, run)
 
-    # 3. the loop
-    loop = start(args, run)
-    after = train_loop(args, run, loop)
-    loop.log.close()
+        # 3. the loop
+        loop = start(args, run)
+        after = train_loop(args, run, loop)
+        loop.log.close()
 
-    # 4. save; done.json last
-    return finish(args, run, loop, after, t0)
+        # 4. save; done.json last
+        return finish(args, run, loop, after, t0)

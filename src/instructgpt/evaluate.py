@@ -15,7 +15,6 @@ The pretrained model is prompted few-shot in plain text, as the paper prompted G
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -27,18 +26,19 @@ import torch.nn.functional as F
 
 from .batching import IGNORE, pad_labelled, prefix_lm_batch
 from .chat import replies
-from .checkpoint import load_model
+from .checkpoint import DONE, load_model, read_config, write_json_atomic
 from .data import read_prompts
 from .distributed import resolve_device
 from .errors import UserError
 from .losses import seq2seq_loss_sum, sequence_logprobs
 from .model import GPT, Seq2Seq
 from .recipe import write_args
+from .records import file_digest, read_json_file
 from .tokenizer import Tokenizer
 from .train import Progress
 from .world.judge import summarise, win_rate, world_record
 from .world.labeler import Labeler
-from .world.world import FAVOURITE_COLOURS, FAVOURITE_FOODS, JOBS, PETS, World, article
+from .world.world import FAMILIES, FAVOURITE_COLOURS, FAVOURITE_FOODS, JOBS, PETS, World, article
 
 MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo")
 
@@ -138,28 +138,41 @@ def fact_cloze_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str],
 
 def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout_text: Path | None,
                     max_new_tokens: int = 48, batch_size: int = 64, max_prompts: int | None = None,
-                    device: str = "auto", seed: int = 0) -> dict:
-    """Every figure of the evaluation for the given {name: checkpoint folder}; "sft" must be among them."""
+                    device: str = "auto", seed: int = 0, cache: Path | None = None) -> dict:
+    """Every figure of the evaluation for the given {name: checkpoint folder}; "sft" must be among them.
+
+    `cache`: a folder of each model's figures and replies, keyed by everything they depend on (the model's
+    files, the prompts, the world, the held-out text, the settings), so that a rerun (after a crash, or after
+    one stage was trained again) evaluates only the models whose key changed. Win rates are judged afresh from
+    the replies: the labeler's verdicts depend only on the texts, so the results are those of a full run."""
     if "sft" not in models:
         raise UserError("the evaluation compares every model with the SFT model: give an 'sft' checkpoint")
     dev = resolve_device(device)
     labeler = Labeler.load(world, seed=seed)
     items = list(read_prompts(prompts))[:max_prompts]
     records = [world_record(p) for p in items]
+    unknown = next(((n, r["family"]) for n, r in enumerate(records, 1) if r["family"] not in FAMILIES), None)
+    if unknown:
+        raise UserError(f"--prompts {prompts}: prompt {unknown[0]} has the task family {unknown[1]!r}, which the "
+                        f"labeler does not know ({', '.join(FAMILIES)})")
+    cloze = fact_cloze_items(labeler.world, seed=seed)
+    settings = {"prompts": file_digest(prompts), "world": file_digest(Path(world) / "world.json"),
+                "heldout": None if heldout_text is None else file_digest(heldout_text),
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_prompts": max_prompts, "seed": seed,
+                "device": dev.type}
     answers: dict[str, list[tuple[str, bool]]] = {}
     results: dict[str, dict] = {}
-    cloze = fact_cloze_items(labeler.world, seed=seed)
     for name, folder in models.items():
         folder = Path(folder)
-        tok = Tokenizer.load(folder / "tokenizer.json")
-        model = load_model(folder, device=dev).eval()
-        progress = Progress(len(items), f"eval {name}")
-        answers[name] = replies(model, tok, items, name == "pretrained", max_new_tokens, batch_size, progress)
-        progress.close()
-        results[name] = summarise(labeler, items, records, answers[name])
-        if heldout_text is not None:
-            results[name]["pretrain_val_loss"] = heldout_loss(model, tok, Path(heldout_text))
-        results[name]["few_shot_accuracy"] = fact_cloze_accuracy(model, tok, cloze) if isinstance(model, GPT) else None
+        key = {"model": name, **{f: file_digest(folder / f) for f in MODEL_FILES}, **settings}
+        entry = read_cached(cache, name, key)
+        if entry is None:
+            entry = {"key": key, **evaluate_model(name, folder, items, records, labeler, cloze, heldout_text,
+                                                  max_new_tokens, batch_size, dev)}
+            if cache is not None:
+                write_json_atomic(cache / f"{name}.json", entry)
+        results[name] = entry["figures"]
+        answers[name] = [(text, ended) for text, ended in entry["answers"]]
     for name in models:
         if name == "sft":
             results[name]["win_rate_vs_sft"], results[name]["win_rate_ci95"] = 0.5, [0.5, 0.5]
@@ -172,6 +185,38 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
     return {"models": results, "samples": samples, "prompts": len(items), "few_shot_chance": chance}
 
 
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")  # what a model's figures depend on
+
+
+def evaluate_model(name: str, folder: Path, items: list, records: list[dict], labeler: Labeler, cloze: list,
+                   heldout_text: Path | None, max_new_tokens: int, batch_size: int, dev: torch.device) -> dict:
+    """{"figures": one model's labeler figures, held-out loss and few-shot accuracy, "answers": its greedy
+    (text, ended) replies}."""
+    tok = Tokenizer.load(folder / "tokenizer.json")
+    model = load_model(folder, device=dev).eval()
+    progress = Progress(len(items), f"eval {name}")
+    answers = replies(model, tok, items, name == "pretrained", max_new_tokens, batch_size, progress)
+    progress.close()
+    figures = summarise(labeler, items, records, answers)
+    if heldout_text is not None:
+        figures["pretrain_val_loss"] = heldout_loss(model, tok, Path(heldout_text))
+    figures["few_shot_accuracy"] = fact_cloze_accuracy(model, tok, cloze) if isinstance(model, GPT) else None
+    return {"figures": figures, "answers": answers}
+
+
+def read_cached(cache: Path | None, name: str, key: dict) -> dict | None:
+    """The cached entry of a model when its key is `key`; None when there is none, or it is of other inputs."""
+    path = None if cache is None else cache / f"{name}.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        entry = read_json_file(path)
+    except UserError as e:  # only a cache: evaluated again, and rewritten
+        print(f"[eval] {name}: ignoring the cached figures ({e})")
+        return None
+    return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+
 @dataclass
 class EvalArgs:
     """The arguments of `instructgpt eval`: flags, or the keys of a --config recipe file."""
@@ -179,7 +224,8 @@ class EvalArgs:
     run: Path  # the run folder (as `instructgpt pipeline` lays it out)
     world: Path | None = None  # the world folder; None: RUN/world
     prompts: Path | None = None  # held-out prompts; None: WORLD/prompts_eval.jsonl
-    out: Path | None = None  # results file; None: RUN/eval/results.json (args.json is written beside it)
+    # results file; None: RUN/eval/results.json (args.json and cache/, each model's figures, are written beside it)
+    out: Path | None = None
     max_new_tokens: int = 48  # longest reply, in tokens (greedy)
     max_prompts: int | None = None  # evaluate on the first this many prompts; None: all of them
     batch_size: int = 64  # prompts per batch of greedy replies
@@ -196,7 +242,7 @@ class EvalInputs:
     world: Path
     prompts: Path
     out: Path  # the results file
-    models: dict[str, Path]  # {name in MODEL_ORDER: finished stage folder}
+    models: dict[str, Path]  # {name in MODEL_ORDER: finished stage folder (its done.json written)}
     heldout: Path | None  # held-out pretraining text (WORLD/corpus_heldout.txt), when the world has it
 
 
@@ -204,8 +250,10 @@ STAGE_DIRS = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "
 
 
 def resolve_inputs(args: EvalArgs) -> EvalInputs:
-    """The defaults of the paths filled in, the run's finished models found. A missing world or prompts file, or
-    a run without an SFT model (every model is compared with it), is a user error, before anything is written."""
+    """The defaults of the paths filled in, the run's finished models found (a stage's done.json, not only its
+    model: a stage that is being run or resumed again keeps its previous export until it is done). A missing
+    world or prompts file, or a run without a finished SFT model (every model is compared with it), is a user
+    error, before anything is written."""
     run = Path(args.run)
     world = Path(args.world or run / "world")
     prompts = Path(args.prompts or world / "prompts_eval.jsonl")
@@ -213,10 +261,18 @@ def resolve_inputs(args: EvalArgs) -> EvalInputs:
         raise UserError(f"--world {world}: no world.json there (made by `instructgpt world`)")
     if not prompts.is_file():
         raise UserError(f"--prompts {prompts}: no such file")
-    models = {name: run / d for name, d in STAGE_DIRS.items() if (run / d / "model.safetensors").exists()}
+    found = {name: run / d for name, d in STAGE_DIRS.items() if (run / d / "model.safetensors").exists()}
+    models = {name: folder for name, folder in found.items() if (folder / DONE).is_file()}
+    for name in found.keys() - models.keys():
+        print(f"[eval] {name}: left out, not finished ({found[name] / DONE} missing)")
     if "sft" not in models:
-        raise UserError(f"--run {run}: no finished SFT model ({run / 'sft' / 'model.safetensors'}); the evaluation "
-                        "compares every model with it")
+        raise UserError(f"--run {run}: no finished SFT model ({run / 'sft' / DONE}); the evaluation compares every "
+                        "model with it")
+    for folder in models.values():
+        block = read_config(folder)["model"]["block_size"]
+        if not 1 <= args.max_new_tokens < block:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1 and leave room for a prompt "
+                            f"in {folder}'s context of {block} tokens")
     heldout = world / "corpus_heldout.txt"
     return EvalInputs(world, prompts, Path(args.out or run / "eval" / "results.json"), models,
                       heldout if heldout.exists() else None)
@@ -226,6 +282,7 @@ def eval_command(args: EvalArgs) -> dict:
     """Evaluate every finished model of a run folder (pretrain, sft, ppo, ppo_ptx, dpo) on held-out world prompts.
 
     Writes RUN/eval/results.json (or --out) with args.json beside it and prints a table; returns the results.
+    Each model's figures are kept in cache/ beside the results: a rerun evaluates only what is missing or changed.
     """
     t0 = time.time()
     # 1. the inputs, and the arguments beside the results
@@ -234,16 +291,16 @@ def eval_command(args: EvalArgs) -> dict:
 
     # 2. every figure of every model
     res = evaluate_models(inputs.models, inputs.world, inputs.prompts, inputs.heldout, args.max_new_tokens,
-                          args.batch_size, args.max_prompts, args.device, args.seed)
+                          args.batch_size, args.max_prompts, args.device, args.seed, cache=inputs.out.parent / "cache")
 
-    # 3. the reward model's held-out accuracy from its summary; results.json, atomically
-    rm_done = Path(args.run) / "rm" / "done.json"
-    rm_acc = json.loads(rm_done.read_text()).get("val_accuracy") if rm_done.exists() else None
-    results = {"rm": {"accuracy": rm_acc}, **res, "seconds": time.time() - t0}
-    tmp = inputs.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(inputs.out)
+    # 3. the reward model's held-out accuracy from its summary; results.json, atomically (no timing in it: the
+    # same inputs give the same file)
+    rm_done = Path(args.run) / "rm" / DONE
+    rm_acc = read_json_file(rm_done).get("val_accuracy") if rm_done.is_file() else None
+    results = {"rm": {"accuracy": rm_acc}, **res}
+    write_json_atomic(inputs.out, results)
     print_table(results)
+    print(f"[eval] {len(inputs.models)} models in {time.time() - t0:.1f} s: {inputs.out}")
     return results
 
 

@@ -2,9 +2,12 @@
 
     world -> prepare (tokenizer + shards) -> pretrain -> sft -> collect -> rm -> ppo, ppo_ptx, dpo -> eval -> report
 
-Each stage writes its own folder and a `done.json` marker last; a stage whose marker exists is skipped,
-so a stopped pipeline resumes where it stopped. Stages talk only through these files, so any stage can
-also be run by hand with its own command.
+Each stage writes its own folder and a marker last (`done.json`; for collect its rankings file, for eval its
+results.json); a stage whose marker exists is skipped, so a stopped pipeline resumes where it stopped (and a
+stage stopped mid-way resumes from its own checkpoints or chunks). RUN/pipeline.json records, for each stage,
+the fingerprints of the stages it read (`INPUTS`): a finished stage whose inputs have changed since, because
+an earlier stage ran again (e.g. `--stages collect`), runs again too. Stages talk only through these files,
+so any stage can also be run by hand with its own command.
 
 `--recipe FILE` runs the stages a recipe file names, on the user's own files, instead of the world's (see
 `run_recipe`).
@@ -15,16 +18,17 @@ version the tests run; `small` is meant for one GPU.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from .checkpoint import DONE
+from .checkpoint import DONE, write_json_atomic
 from .collect import collect_command
 from .dpo import dpo_command
 from .errors import UserError
@@ -33,6 +37,7 @@ from .ppo import ppo_command
 from .prepare import prepare_command
 from .pretrain import pretrain_command
 from .recipe import args_class, build, call, read_recipe_file
+from .records import file_digest, read_json_file
 from .report import report_command
 from .rm import rm_command
 from .sft import sft_command
@@ -94,6 +99,24 @@ PRESETS: dict[str, dict] = {
 
 STAGES = ("world", "prepare", "pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "dpo", "eval", "report")
 
+# The stages whose results each stage reads.
+INPUTS: dict[str, tuple[str, ...]] = {
+    "world": (), "prepare": ("world",), "pretrain": ("prepare",), "sft": ("pretrain", "world"),
+    "collect": ("sft", "world"), "rm": ("sft", "collect", "world"), "ppo": ("sft", "rm", "world"),
+    "ppo_ptx": ("sft", "rm", "world", "prepare"), "dpo": ("sft", "collect"),
+    "eval": ("world", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo"),
+    "report": ("eval", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo"),
+}
+MODEL_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo")
+# The files (under RUN) by which a stage's result is known, its marker among them: their digests are the
+# stage's fingerprint. A model stage's done.json and weights; the world's every file; prepare's index and
+# tokenizer (meta.json counts the tokens of every shard).
+RESULT_FILES: dict[str, tuple[str, ...]] = {
+    "world": ("world",), "prepare": ("data/meta.json", "data/tokenizer.json"),
+    **{s: (f"{s}/{DONE}", f"{s}/model.safetensors") for s in MODEL_STAGES},
+    "collect": ("collect/rankings.jsonl",), "eval": ("eval/results.json",),
+}
+
 
 @dataclass
 class PipelineArgs:
@@ -122,7 +145,7 @@ def pipeline_command(args: PipelineArgs) -> None:
     manifest = read_manifest(run, args)
     stage = stage_runner(run, manifest, args.stages)
     world, data = run / "world", run / "data"
-    rankings = data / "rankings.jsonl"
+    rankings = run / "collect" / "rankings.jsonl"  # not in data/, which prepare replaces whole
     common = dict(seed=args.seed, device=args.device)
 
     def resume(name: str) -> dict:
@@ -151,20 +174,18 @@ def pipeline_command(args: PipelineArgs) -> None:
         dpo_command, init=run / "sft", data=[rankings], **resume("dpo"), **p["dpo"], **common))
     stage("eval", run / "eval" / "results.json", lambda: call(
         eval_command, run=run, world=world, **p["eval"], **common))
-    results_path = run / "eval" / "results.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
-        results |= {"preset": args.preset, "seed": args.seed, "stage_seconds": manifest["stage_seconds"]}
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-    stage("report", run / "report.html", lambda: report_command(run=run))
+    stage("report", run / "report.html", lambda: report_command(run=run))  # preset, seed, seconds: pipeline.json
     print(f"[pipeline] finished: report at {run / 'report.html'} (and {run / 'report.md'})")
 
 
 def read_manifest(run: Path, args: PipelineArgs) -> dict:
-    """RUN/pipeline.json: the preset, seed and world of the run; a run folder of another kind is refused."""
+    """RUN/pipeline.json: the preset, seed and world of the run, the seconds of each stage and the fingerprints
+    of the inputs each stage ran on; a run folder of another kind is refused."""
     run.mkdir(parents=True, exist_ok=True)
     path = run / "pipeline.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = read_json_file(path) if path.exists() else {}
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object (the pipeline's manifest)")
     if manifest and (manifest.get("preset"), manifest.get("seed"), manifest.get("demo_habits", True)) != (
             args.preset, args.seed, args.demo_habits):
         habits = "with" if manifest.get("demo_habits", True) else "without"
@@ -173,33 +194,71 @@ def read_manifest(run: Path, args: PipelineArgs) -> dict:
     manifest |= {"preset": args.preset, "seed": args.seed, "demo_habits": args.demo_habits,
                  "config": PRESETS[args.preset]}
     manifest.setdefault("stage_seconds", {})
+    manifest.setdefault("inputs", {})
     return manifest
 
 
 def stage_runner(run: Path, manifest: dict, only: list[str] | None) -> Callable[[str, Path, Callable], None]:
-    """stage(name, marker, fn): run fn unless the stage's marker shows it finished (or --stages leaves it
-    out), and record its time in RUN/pipeline.json."""
+    """stage(name, marker, fn): run fn unless the stage's marker shows it finished on the inputs it would read
+    now (or --stages leaves it out), and record in RUN/pipeline.json the inputs it runs on (before it starts, so
+    that a stopped stage resumes only on the same inputs) and its time."""
 
     def stage(name: str, marker: Path, fn: Callable) -> None:
         if only is not None and name not in only:
             return
-        if marker.exists() and only is None:
+        inputs = {dep: fingerprint(run, dep) for dep in INPUTS[name]}
+        ran_on = manifest["inputs"].get(name)
+        if ran_on is None and marker.exists():  # finished before the pipeline recorded inputs: taken as it is
+            ran_on = manifest["inputs"][name] = inputs
+            write_json_atomic(run / "pipeline.json", manifest)
+        if ran_on is not None and ran_on != inputs:
+            changed = sorted(dep for dep in inputs if ran_on.get(dep) != inputs[dep])
+            print(f"[pipeline] {name}: its inputs changed since it ran ({', '.join(changed)}): running it again")
+            if name in MODEL_STAGES and (run / name).exists():  # else --resume would keep or continue it
+                shutil.rmtree(run / name)
+        elif marker.exists() and only is None:
             print(f"[pipeline] {name}: done, skipped")
             return
         print(f"[pipeline] {name} ...")
+        manifest["inputs"][name] = inputs
+        write_json_atomic(run / "pipeline.json", manifest)
         t0 = time.time()
         fn()
         manifest["stage_seconds"][name] = round(time.time() - t0, 2)
-        (run / "pipeline.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json_atomic(run / "pipeline.json", manifest)
 
     return stage
+
+
+def fingerprint(run: Path, stage: str) -> str:
+    """The digest of a stage's result files (of a folder: every file in it); a missing file counts as such."""
+    parts = []
+    for rel in RESULT_FILES[stage]:
+        path = run / rel
+        for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
+            parts.append(f"{f.relative_to(run)}={_digest(str(f), *_stamp(f))}")
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime): a file's identity for the memo of digests within one pipeline process."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+@cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return "missing" if size < 0 else file_digest(path)
 
 
 def make_world(world: Path, seed: int, demo_habits: bool, p: dict) -> None:
     if world.exists():
         shutil.rmtree(world)  # an earlier attempt stopped mid-way (no done marker)
     world_command(out=world, seed=seed, demo_habits=demo_habits, **p["world"])
-    (world / DONE).write_text("{}\n")
+    write_json_atomic(world / DONE, {"seed": seed, "demo_habits": demo_habits})
 
 
 def prepare_data(run: Path, world: Path, data: Path, seed: int, p: dict) -> None:

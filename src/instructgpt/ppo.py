@@ -46,7 +46,7 @@ import torch.nn as nn
 from . import train
 from .batching import EpochSampler, PretrainWindows, pad
 from .chat import render_prompt
-from .checkpoint import Checkpointer, check_out, load_model, read_config, write_done
+from .checkpoint import Checkpointer, check_out, load_model, read_config, write_done, writing
 from .data import read_prompts
 from .distributed import Runtime, all_ranks_finished, all_reduce, all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
@@ -338,9 +338,8 @@ def ppo_update(policy: GPT, value_model: ScalarModel, opt_p: torch.optim.Optimiz
             if not math.isfinite(total):  # the same sums on every rank: all of them stop here, before any step
                 raise train.DivergedError(f"PPO loss is {total} (policy {row['loss/policy']}, "
                                           f"value {row['loss/value']}); try a lower --lr or a higher --beta")
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
+            # a finite loss can still have a non-finite gradient (a bf16 overflow): every rank stops before the step
+            train.clip_and_check({"policy": policy, "value": value_model}, grad_clip)
             opt_p.step()
             opt_v.step()
             if not first:
@@ -425,19 +424,15 @@ def _no_dropout(model: nn.Module) -> nn.Module:
 def encode_prompts(tok: Tokenizer, prompts: list, block_size: int, max_new_tokens: int) -> tuple[list, list]:
     """Render every prompt with the chat template; prompts that leave no room for max_new_tokens in the
     model's context are left out (and counted). Returns (prompts, ids)."""
-    kept, ids = [], []
-    for p in prompts:
-        x = render_prompt(tok, p.messages)
-        if len(x) + max_new_tokens <= block_size:
-            kept.append(p)
-            ids.append(x)
+    rendered = [(p, render_prompt(tok, p.messages)) for p in prompts]
+    kept = [(p, x) for p, x in rendered if len(x) + max_new_tokens <= block_size]
     dropped = len(prompts) - len(kept)
     if dropped:
         print(f"ppo: {dropped} of {len(prompts)} prompt(s) leave no room for {max_new_tokens} new tokens in the "
               f"context of {block_size} and are left out")
     if not kept:
         raise UserError(f"no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
-    return kept, ids
+    return [p for p, _ in kept], [x for _, x in kept]
 
 
 @dataclass
@@ -462,6 +457,7 @@ class Run:
     generator: torch.Generator  # sampling noise of the global batch (every rank)
     ckpt: Checkpointer
     step: int = 0
+    fingerprint: dict | None = None  # the data and settings a resumed run must share (`train.check_resume`)
 
 
 def set_up(args: PPOArgs, t: TrainConfig) -> Run:
@@ -489,27 +485,25 @@ def set_up(args: PPOArgs, t: TrainConfig) -> Run:
         shard_model(m, runtime)
     optimizers = {"policy": train.make_optimizer(pol, t, runtime),
                   "value": train.make_optimizer(value_model, t, runtime)}
-    ptx = None
-    if args.ppo.ptx_coef > 0:
-        ptx = PretrainWindows(args.ptx_data, pol.config.block_size // 2, t.seed)
-        ptx_vocab = json.loads((args.ptx_data / "meta.json").read_text()).get("vocab_size")
-        if ptx_vocab != tok.vocab_size:
-            raise UserError(f"{args.ptx_data} was tokenized with a vocabulary of {ptx_vocab} tokens, the policy's "
-                            f"tokenizer has {tok.vocab_size}: prepare it with the policy's tokenizer")
-    raw_prompts = list(read_prompts(args.prompts))
-    if not raw_prompts:
+    ptx = PretrainWindows(args.ptx_data, pol.config.block_size // 2, t.seed) if args.ppo.ptx_coef > 0 else None
+    if ptx is not None and ptx.vocab_size != tok.vocab_size:
+        raise UserError(f"{args.ptx_data} was tokenized with a vocabulary of {ptx.vocab_size} tokens, the policy's "
+                        f"tokenizer has {tok.vocab_size}: prepare it with the policy's tokenizer")
+    if not (raw_prompts := list(read_prompts(args.prompts))):
         raise UserError(f"{args.prompts}: no prompts")
     items, prompt_ids = encode_prompts(tok, raw_prompts, pol.config.block_size, args.max_new_tokens)
     run = Run(runtime, tok, models, optimizers, fwd, ref, rm, fn, ptx,
               AdaptiveKL(args.ppo.beta, args.ppo.kl_target, args.ppo.kl_horizon), items, prompt_ids,
               EpochSampler(len(items), t.seed), np.random.default_rng([t.seed, 3]),
               torch.Generator(device=dev).manual_seed(t.seed), Checkpointer(args.out, keep_last=t.keep_last))
+    # --grad-accum only splits a minibatch: a step's rollouts are --batch-size x processes
+    run.fingerprint = train.run_fingerprint(args, runtime, t.max_steps, per_step=t.batch_size * runtime.world_size)
     if t.resume and (latest := run.ckpt.latest()) is not None:
+        train.check_resume(run.ckpt.state_of(latest), run.fingerprint, latest)
         state = run.ckpt.load(latest, models, optimizers)
-        run.step = state["step"]
+        run.step, run.rng.bit_generator.state = state["step"], state["rng"]
         run.sampler.restore(state["sampler"])
         run.kl_ctl.restore(state["kl"])
-        run.rng.bit_generator.state = state["rng"]
         run.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if ptx:
             ptx.restore(state["ptx"])
@@ -537,8 +531,11 @@ def ppo_step(run: Run, args: PPOArgs, t: TrainConfig) -> tuple[dict, list[dict]]
     exp = make_experience(ro, scored, args.ppo, run.kl_ctl.beta, rt)
     t_score = time.time() - step_t0 - t_gen
     # 5. update
-    upd = ppo_update(*run.fwd, run.optimizers["policy"], run.optimizers["value"], ro, exp, args.ppo, rt, run.rng,
-                     train.lr_at(run.step, t), t.grad_clip, run.ptx, t.grad_accum)
+    try:
+        upd = ppo_update(*run.fwd, run.optimizers["policy"], run.optimizers["value"], ro, exp, args.ppo, rt, run.rng,
+                         train.lr_at(run.step, t), t.grad_clip, run.ptx, t.grad_accum)
+    except train.DivergedError as e:
+        raise train.DivergedError(f"step {run.step + 1}: {e}") from None
     if "ema" in run.models:
         ema_update(run.models["ema"], pol, args.ppo.ema)
     run.step += 1
@@ -564,7 +561,8 @@ def train_loop(run: Run, args: PPOArgs, t: TrainConfig, log: train.MetricsLog, s
                 f.writelines(json.dumps(s) + "\n" for s in samples)
         if step % t.checkpoint_interval == 0 or step == t.max_steps:
             state = {"step": step, "sampler": run.sampler.state(), "kl": run.kl_ctl.state(),
-                     "rng": run.rng.bit_generator.state, "generator": run.generator.get_state().tolist()}
+                     "rng": run.rng.bit_generator.state, "generator": run.generator.get_state().tolist(),
+                     "fingerprint": run.fingerprint}
             run.ckpt.save(step, run.models, run.optimizers, state | ({"ptx": run.ptx.state()} if run.ptx else {}))
         progress.update(step, {"score": row["objective/scores"], "kl": row["objective/kl"]})
     progress.close()
@@ -577,23 +575,24 @@ def ppo_command(args: PPOArgs) -> dict:
     optimizer steps (each minibatch in --grad-accum micro-batches); --max-steps and --warmup-steps count these
     steps. The learning rate is constant after warm-up unless --min-lr is given (a cosine down to it)."""
     t0 = time.time()
-    # 1. every flag checked before anything is written
-    t = check_args(args)
-    # 2. models, reward, prompts and generators (from OUT's latest checkpoint with --resume)
-    run = set_up(args, t)
-    stage = "ppo-ptx" if run.ptx else "ppo"
-    args.out.mkdir(parents=True, exist_ok=True)
-    if run.runtime.is_main:
-        write_args(args.out, args)
-    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=run.step, enabled=run.runtime.is_main,
-                           report_to=t.report_to, stage=stage, config=to_dict(args))
-    # 3. rollout batches up to --max-steps
-    train_loop(run, args, t, log, stage)
-    log.close()
-    # 4. export the policy (its EMA with --ema); done.json last
-    run.ckpt.export(run.models.get("ema", run.models["policy"]), extra={"stage": stage})
-    summary = {"stage": stage, "steps": run.step, "seconds": time.time() - t0}
-    if run.runtime.is_main:
-        write_done(args.out, summary, tokenizer_from=args.init)
-        print(json.dumps(summary))
-    return summary
+    with writing(args.out):  # OUT/.lock: one process writes OUT at a time
+        # 1. every flag checked before anything is written (an unfinished run in OUT needs --resume)
+        t = check_args(args)
+        # 2. models, reward, prompts and generators (from OUT's latest checkpoint with --resume)
+        run = set_up(args, t)
+        stage = "ppo-ptx" if run.ptx else "ppo"
+        if run.runtime.is_main:
+            write_args(args.out, args)
+            train.keep_rows_up_to(args.out / "samples.jsonl", run.step)  # later samples come again
+        log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=run.step, enabled=run.runtime.is_main,
+                               report_to=t.report_to, stage=stage, config=to_dict(args))
+        # 3. rollout batches up to --max-steps
+        train_loop(run, args, t, log, stage)
+        log.close()
+        # 4. export the policy (its EMA with --ema); done.json last
+        run.ckpt.export(run.models.get("ema", run.models["policy"]), extra={"stage": stage})
+        summary = {"stage": stage, "steps": run.step, "seconds": time.time() - t0}
+        if run.runtime.is_main:
+            write_done(args.out, summary, tokenizer_from=args.init)
+            print(json.dumps(summary))
+        return summary

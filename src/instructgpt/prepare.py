@@ -17,6 +17,7 @@ The folder appears complete or not at all: everything is written into `out.tmp-*
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .records import parse_json, read_json_file, type_name
 from .tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -44,12 +46,12 @@ Document = tuple[str, str]  # (text, where it came from, e.g. "corpus.jsonl:12",
 
 
 def _decode(raw: bytes, path: Path, line: int, offset: int) -> str:
+    skip = len(codecs.BOM_UTF8) if line == 1 and raw.startswith(codecs.BOM_UTF8) else 0  # a mark, not text
     try:
-        return raw.decode("utf-8")
+        return raw[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path}: line {line}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason})"
-        ) from None
+        raise UserError(f"{path}:{line}: invalid UTF-8 at byte offset {offset + skip + e.start} ({e.reason})"
+                        ) from None
 
 
 class _Batched:
@@ -101,15 +103,11 @@ def _read_jsonl(path: Path, on_bytes: OnBytes) -> Iterator[Document]:
             on_bytes(len(raw))
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            record = parse_json(line, str(path), n)  # duplicate keys, NaN, lone surrogates: file:line errors
             if not isinstance(record, dict) or "text" not in record:
-                raise UserError(f'{path}: line {n}: expected a JSON object with a "text" field')
+                raise UserError(f'{path}:{n}: expected a JSON object with a "text" field')
             if not isinstance(record["text"], str):
-                kind = type(record["text"]).__name__
-                raise UserError(f'{path}: line {n}: field "text" must be a string, got {kind}')
+                raise UserError(f'{path}:{n}: field "text" must be a string, got {type_name(record["text"])}')
             yield record["text"], f"{path}:{n}"
 
 
@@ -313,6 +311,27 @@ def _check_args(inputs: list[Path], tokenizer: str, val_fraction: float, shard_t
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
 
 
+def _request(inputs: list[Path], tokenizer: str, vocab_size: int, tokenizer_path: Path | None, val_fraction: float,
+             shard_tokens: int, seed: int) -> dict:
+    """What a prepared folder is made from (kept in meta.json): an existing folder is reused only for the same."""
+    trained = tokenizer_path is None
+    return {"inputs": [[str(p.resolve()), p.stat().st_size] for p in inputs],
+            "tokenizer": tokenizer if trained else str(Path(tokenizer_path).resolve()),
+            "vocab_size": vocab_size if trained and tokenizer == "bpe" else None,
+            "val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed}
+
+
+def _check_same_request(out: Path, request: dict) -> None:
+    meta = read_json_file(out / META)
+    made = meta.get("request") if isinstance(meta, dict) else None
+    if made is None:  # prepared before meta.json recorded its request: kept, as it always was
+        return
+    changed = [k for k in request if made.get(k) != request[k]]
+    if changed:
+        raise UserError(f"--out {out} holds shards prepared with other {', '.join(changed)} (see {out / META}); "
+                        "delete it to prepare again, or choose another --out")
+
+
 def prepare_command(
     inputs: list[Path],
     out: Path,
@@ -328,7 +347,7 @@ def prepare_command(
 
     Writes OUT/tokenizer.json, OUT/train_000.bin ..., OUT/val_000.bin ... and OUT/meta.json (OUT is
     normally RUN/data). Each document is followed by <|eos|>. Refuses a non-empty OUT, unless it already
-    holds a complete result, which is then left as it is.
+    holds a complete result of the same inputs (paths and sizes) and settings, which is then left as it is.
 
     Args:
         inputs: corpus files: .txt (documents split on blank lines), .jsonl ({"text": ...}), .parquet ("text").
@@ -344,10 +363,12 @@ def prepare_command(
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     _check_args(inputs, tokenizer, val_fraction, shard_tokens)
+    request = _request(inputs, tokenizer, vocab_size, tokenizer_path, val_fraction, shard_tokens, seed)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if (out / META).is_file():
+            _check_same_request(out, request)
             print(f"{out} already holds prepared shards ({META} present): nothing to do; delete it to redo")
             return
         raise UserError(f"--out {out} exists, is not empty and holds no {META}: refusing to write into it")
@@ -373,7 +394,7 @@ def prepare_command(
         tok.save(tmp / "tokenizer.json")
 
         # 2. the shards: a second streamed pass, encoded a chunk of documents at a time
-        meta = _write_shards(tmp, inputs, tok, val_fraction, seed, shard_tokens)
+        meta = _write_shards(tmp, inputs, tok, val_fraction, seed, shard_tokens) | {"request": request}
         if meta["tokens"]["train"] == 0:
             raise UserError(f"no documents with text in {[str(p) for p in inputs]}")
         if meta["tokens"]["val"] == 0 and val_fraction > 0:

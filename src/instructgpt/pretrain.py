@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .batching import WindowSampler, prefix_lm_batch
-from .checkpoint import DONE, Checkpointer, check_out, load_model, read_done, write_done
+from .checkpoint import DONE, Checkpointer, check_out, load_model, read_done, write_done, writing
 from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
 from .losses import seq2seq_loss_sum, token_cross_entropy
@@ -45,13 +45,16 @@ from .model import PRESETS, ModelConfig, build_model
 from .prepare import load_shards, read_meta
 from .recipe import to_dict, write_args
 from .train import (
+    FiniteGuard,
     MetricsLog,
     Progress,
     Timer,
     TrainConfig,
+    check_resume,
     config_dict,
     make_optimizer,
     mfu,
+    run_fingerprint,
     setup,
     train_step,
     training_flops_per_token,
@@ -250,24 +253,24 @@ def pretrain_command(args: PretrainArgs) -> dict:
     checkpoint in OUT exactly as if the run had not stopped (or starts fresh when there is none).
     """
     clock = _Clock(0.0, time.perf_counter())
-
-    # 1. check everything a user can get wrong before training starts
     args = resolved(args)
-    inputs = check_args(args)
+    with writing(args.out):  # OUT/.lock: one process writes OUT at a time
+        # 1. check everything a user can get wrong before training starts
+        inputs = check_args(args)
 
-    # 2. set up: runtime, model, optimizer, and the state of a resumed run
-    run = set_up(args, inputs, clock)
-    if not restore(run, args, inputs):
-        return read_done(args.out)  # a finished run: nothing to do
-    log = start(run, args, inputs)
+        # 2. set up: runtime, model, optimizer, and the state of a resumed run
+        run = set_up(args, inputs, clock)
+        if not restore(run, args, inputs):
+            return read_done(args.out)  # a finished run: nothing to do
+        log = start(run, args, inputs)
 
-    # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
-    train_loop(run, log, args, inputs)
+        # 3. the loop (with the loss of the untrained model first, as a baseline for the curve)
+        train_loop(run, log, args, inputs)
 
-    # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
-    summary = finish(run, args)
-    log.close()
-    return summary
+        # 4. the stage's result: the model, its tokenizer, samples, and the completion marker last
+        summary = finish(run, args)
+        log.close()
+        return summary
 
 
 # 1. checking
@@ -351,6 +354,8 @@ class _Run:
     data_rng: np.random.Generator
     state: dict  # step, tokens, seconds, train_loss, val_loss
     clock: _Clock
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
+    guard: FiniteGuard  # the first step skipped for a non-finite loss or gradient, between host syncs
 
     def say(self, message: str) -> None:
         if self.runtime.is_main:
@@ -359,7 +364,7 @@ class _Run:
     def save(self, step: int) -> None:
         self.ckpt.save(step, {"model": self.raw}, {"model": self.optimizer},
                        {**self.state, "step": step, "data_rng": self.data_rng.bit_generator.state,
-                        "seconds": self.clock.total()},
+                        "seconds": self.clock.total(), "fingerprint": self.fingerprint},
                        extra_config=self.run_config)
 
 
@@ -375,13 +380,14 @@ def set_up(args: PretrainArgs, inputs: _Inputs, clock: _Clock) -> _Run:
     optimizer = make_optimizer(raw, cfg, runtime)
     # the recipe, without how this process was started (--resume, --report-to): the same in the checkpoints
     # of an uninterrupted run and of a resumed one
-    recipe = {k: v for k, v in config_dict(cfg).items() if k not in ("resume", "report_to")}
+    recipe = {k: v for k, v in config_dict(cfg).items() if k not in ("resume", "report_to", "dist_timeout")}
     run_config = {"stage": "pretrain", "data": str(args.data), "train": recipe, "block_size": inputs.T,
                   "eval_iters": args.eval_iters, "objective": "next_token" if args.arch == "gpt" else "prefix_lm"}
     data_rng = np.random.default_rng([cfg.seed, 0])  # the same on every rank: each keeps its slice of a batch
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "train_loss": None, "val_loss": None}
+    fingerprint = run_fingerprint(args, runtime, cfg.max_steps)
     return _Run(runtime, raw, model, optimizer, Checkpointer(args.out, keep_last=cfg.keep_last), run_config,
-                data_rng, state, clock)
+                data_rng, state, clock, fingerprint, FiniteGuard(runtime.device))
 
 
 def restore(run: _Run, args: PretrainArgs, inputs: _Inputs) -> bool:
@@ -398,7 +404,9 @@ def restore(run: _Run, args: PretrainArgs, inputs: _Inputs) -> bool:
         diff = sorted(k for k in saved if saved[k] != inputs.model_cfg.to_dict().get(k))
         raise UserError(f"--resume: the checkpoint {latest} has a different model ({', '.join(diff)} "
                         "differ); pass the same shape flags as the run that wrote it")
+    check_resume(run.ckpt.state_of(latest), run.fingerprint, latest)
     run.state = run.ckpt.load(latest, {"model": run.raw}, {"model": run.optimizer})
+    run.state.pop("fingerprint", None)
     run.data_rng.bit_generator.state = run.state["data_rng"]
     run.clock.before = run.state["seconds"]
     run.say(f"resumed from {latest} at step {run.state['step']}")
@@ -446,7 +454,11 @@ def train_loop(run: _Run, log: MetricsLog, args: PretrainArgs, inputs: _Inputs) 
             done = step + 1
             log_now = done % cfg.log_interval == 0 or done == cfg.max_steps
             stats = train_step(run.model, run.optimizer, micro, objective.loss_sum, objective.n_targets, cfg,
-                               runtime, step, sync=log_now)
+                               runtime, step, sync=log_now, guard=run.guard)
+            eval_now = val_data.n_windows and (done % cfg.eval_interval == 0 or done == cfg.max_steps)
+            save_now = done % cfg.checkpoint_interval == 0 or done == cfg.max_steps
+            if log_now or eval_now or save_now:
+                run.guard.check()  # a step skipped as not finite since the last check stops the run before any write
             state["tokens"] += stats["tokens"]
             tokens_since += stats["tokens"]
             record = {}
@@ -461,14 +473,14 @@ def train_loop(run: _Run, log: MetricsLog, args: PretrainArgs, inputs: _Inputs) 
                 if util is not None:
                     record["mfu"] = round(util, 4)
                 bar.update(done, stats["loss"], tok_s)
-            if val_data.n_windows and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+            if eval_now:
                 state["val_loss"] = validate()
                 record["val_loss"] = state["val_loss"]
                 bar.print(f"step {done}: train loss {state['train_loss']:.4f}, val loss {state['val_loss']:.4f}")
                 timer.lap()  # evaluation time is not training throughput
             if record:
                 log.log(done, **record)
-            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+            if save_now:
                 run.save(done)
                 timer.lap()
 

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import tyro
 import yaml
 
+from .checkpoint import atomic_write
 from .errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -552,24 +552,10 @@ def to_dict(args: Any) -> dict:
 
 
 def write_args(out: Path, args: Any) -> None:
-    """OUT/args.json: the resolved arguments of a run, in the shape build() reads back.
-
-    Written atomically (a temporary file in the same folder, then a rename), so a crash leaves the old file or
-    the new one, never half of one; `out` is created if needed.
-    """
-    out = Path(out)
+    """OUT/args.json: the resolved arguments of a run, in the shape build() reads back, written atomically
+    (`checkpoint.atomic_write`: a crash leaves the old file or the new one); `out` is created if needed."""
     text = json.dumps(to_dict(args), indent=2, ensure_ascii=False) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".args.json.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "args.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(out) / "args.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

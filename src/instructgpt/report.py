@@ -1,19 +1,25 @@
 """The report card of a run: `report.md` and a self-contained `report.html` (plots embedded), with
 `plots/*.png` beside them.
 
-It reads only files: `pipeline.json`, each stage's `metrics.jsonl` and `done.json`, and
+It reads only files: `pipeline.json` (preset, seed, seconds per stage), each stage's `metrics.jsonl`, and
 `eval/results.json`.
+
+The report is made to be shared, and it quotes model replies and prompts, which are anyone's text: they are
+written inside fenced code blocks, so no line of theirs can start Markdown (an image, a heading, a table), and
+the HTML embeds only the plot files this module drew, never a file a line names.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
+import re
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .errors import UserError
 from .evaluate import MODEL_ORDER
+from .records import read_json_file
 from .train import read_metrics
 
 LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
@@ -163,17 +169,53 @@ def markdown(run: Path, manifest: dict, results: dict, plots: dict[str, Path]) -
         if s["family"] in seen:
             continue
         seen.add(s["family"])
-        lines += [f"**{s['family']}**: {s['prompt']}", ""]
-        lines += [f"- {LABELS[m]}: `{s.get(m, '')}`" for m in models]
+        lines += [f"**{_plain(s['family'])}**", ""]
+        lines += quoted([("prompt", s["prompt"])] + [(LABELS[m], s.get(m, "")) for m in models])
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def to_html(md: str, run: Path) -> str:
-    """A minimal Markdown-to-HTML rendering of the report with every image inlined."""
+def quoted(rows: list[tuple[str, str]]) -> list[str]:
+    """Labelled texts as one fenced code block: every line break of the text (\\n, \\r, U+2028, ...) starts an
+    indented line inside the block, and other control characters are shown escaped. The fence is longer than
+    any run of backticks in the text, so nothing in it can close the block."""
+    width = max(len(label) for label, _ in rows) + 2
+    body = []
+    for label, text in rows:
+        parts = [_CONTROL.sub(lambda m: ascii(m.group())[1:-1], part) for part in str(text).splitlines()] or [""]
+        body.append(f"{label + ':':<{width}}{parts[0]}".rstrip())
+        body += [(" " * width + part).rstrip() for part in parts[1:]]
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", "\n".join(body))), default=0))
+    return [fence + "text", *body, fence]
+
+
+# C0 and C1 control characters other than tab (line breaks are split off before): shown as \xNN
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _plain(text: str) -> str:
+    """A task family's name as plain words (the world's names are; a foreign one loses anything else)."""
+    return re.sub(r"[^\w -]", "?", str(text))
+
+
+def to_html(md: str, run: Path, plots: dict[str, Path]) -> str:
+    """A minimal Markdown-to-HTML rendering of the report (the Markdown `markdown` writes) with its plots
+    inlined: an image line is embedded only if it names one of `plots`; fenced blocks are escaped text."""
+    allowed = {str(path.relative_to(run)): path for path in plots.values()}
     body = []
     in_table = False
-    for line in md.splitlines():
+    fence, block = None, []
+    for line in md.split("\n"):
+        if fence is not None:  # inside a fenced block: text, until the line that is exactly its fence
+            if line == fence:
+                body.append("<pre><code>" + html.escape("\n".join(block)) + "</code></pre>")
+                fence, block = None, []
+            else:
+                block.append(line)
+            continue
+        if line.startswith("```"):
+            fence = "`" * (len(line) - len(line.lstrip("`")))
+            continue
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("- "):
@@ -187,9 +229,9 @@ def to_html(md: str, run: Path) -> str:
         if in_table:
             body.append("</table>")
             in_table = False
-        if line.startswith("!["):
-            src = line[line.index("(") + 1:-1]
-            data = base64.b64encode((run / src).read_bytes()).decode()
+        src = line[line.find("(") + 1:-1] if line.startswith("![") and line.endswith(")") else None
+        if src in allowed:
+            data = base64.b64encode(allowed[src].read_bytes()).decode()
             body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(src)}">')
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
@@ -201,17 +243,17 @@ def to_html(md: str, run: Path) -> str:
             body.append(f"<p>{_inline(line)}</p>")
     if in_table:
         body.append("</table>")
+    if fence is not None:  # an unclosed block (never written by `markdown`): still text
+        body.append("<pre><code>" + html.escape("\n".join(block)) + "</code></pre>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
              "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:1px 4px}"
-             ".li{margin-left:1.5em}")
+             "pre{background:#f5f5f5;padding:6px 10px;overflow-x:auto}.li{margin-left:1.5em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>instructgpt report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def _inline(text: str) -> str:
-    import re
-
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
     return re.sub(r"`(.*?)`", r"<code>\1</code>", text)
@@ -223,13 +265,12 @@ def report_command(run: Path) -> None:
     results_path = run / "eval" / "results.json"
     if not results_path.exists():
         raise UserError(f"{results_path} does not exist: run `instructgpt eval --run {run}` first")
-    results = json.loads(results_path.read_text())
+    results = read_json_file(results_path)
     manifest_path = run / "pipeline.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = read_json_file(manifest_path) if manifest_path.exists() else {}
     plots = make_plots(run, results)
     md = markdown(run, manifest, results, plots)
-    (run / "report.md").write_text(md)
-    tmp = run / "report.html.tmp"
-    tmp.write_text(to_html(md, run))
-    tmp.replace(run / "report.html")
+    page = to_html(md, run, plots)
+    atomic_write(run / "report.md", lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
+    atomic_write(run / "report.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     print(f"wrote {run / 'report.html'} and {run / 'report.md'}")

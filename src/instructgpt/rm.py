@@ -20,6 +20,7 @@ that `collect` writes) is encoded without the end token, as PPO scores such a ro
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch.nn as nn
 from . import train
 from .batching import EpochSampler, pad
 from .chat import render_prompt, render_response
-from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done
+from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import Comparison, ended_flags, read_examples, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows
 from .errors import UserError
@@ -150,6 +151,9 @@ def pairwise_accuracy(rm: ScalarModel, tok: Tokenizer, data: list[EncodedCompari
 def normalise_bias(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], replies: list[str]) -> float:
     """Shift the score head's bias so that the given (demonstration) responses have mean reward 0."""
     mean = float(score_responses(rm, tok, prompts, replies).double().mean())
+    if not math.isfinite(mean):  # the shift would make every reward non-finite
+        raise train.DivergedError(f"the reward model's mean score on the {len(replies)} responses it is centred on "
+                                  f"is {mean}: training diverged (lower --lr, or check the data)")
     with torch.no_grad():
         rm.score_head.bias -= mean
     return mean
@@ -187,22 +191,23 @@ class RMArgs:
 def rm_command(args: RMArgs) -> dict:
     """Train a reward model on rankings (K-way) or pairs, starting from the SFT model."""
     t0 = time.time()
-    if args.train.resume and (summary := read_done(args.out)) is not None:  # a finished run: nothing to do
-        print(json.dumps(summary))
-        return summary
-    check_args(args)
+    with writing(args.out):  # OUT/.lock: one process writes OUT at a time
+        if args.train.resume and (summary := read_done(args.out)) is not None:  # a finished run: nothing to do
+            print(json.dumps(summary))
+            return summary
+        check_args(args)
 
-    # 1. read everything first: a bad file fails here, before anything is written to OUT
-    data = read_data(args)
+        # 1. read everything first: a bad file fails here, before anything is written to OUT
+        data = read_data(args)
 
-    # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
-    run = set_up(args, data)
+        # 2. model, optimizer, data order; restored from the latest checkpoint on --resume
+        run = set_up(args, data)
 
-    # 3. the loop: every micro-batch holds all K completions of batch_size prompts
-    train_loop(args, data, run)
+        # 3. the loop: every micro-batch holds all K completions of batch_size prompts
+        train_loop(args, data, run)
 
-    # 4. centre the reward on the demonstrations (paper section 3.5), then save; done.json last
-    return finish(args, data, run, t0)
+        # 4. centre the reward on the demonstrations (paper section 3.5), then save; done.json last
+        return finish(args, data, run, t0)
 
 
 def check_args(args: RMArgs) -> None:
@@ -261,6 +266,7 @@ class RMRun:
     total_steps: int
     eval_every: int
     checkpoint_every: int
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
 
 
 def set_up(args: RMArgs, data: RMData) -> RMRun:
@@ -282,8 +288,9 @@ def set_up(args: RMArgs, data: RMData) -> RMRun:
     if ckpt.latest() is not None and not cfg.resume:
         raise UserError(f"{args.out} holds checkpoints of an unfinished reward-model run; pass --resume to continue "
                         "it, or choose another --out")
-    step = 0
+    step, fp = 0, train.run_fingerprint(args, runtime, total_steps)
     if cfg.resume and (latest := ckpt.latest()) is not None:
+        train.check_resume(ckpt.state_of(latest), fp, latest)
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
         step = state["step"]
         sampler.restore(state["sampler"])
@@ -294,7 +301,7 @@ def set_up(args: RMArgs, data: RMData) -> RMRun:
                            report_to=cfg.report_to, stage="rm", config=to_dict(args))
     return RMRun(cfg, runtime, model, fwd, optimizer, sampler, ckpt, log, trn, val, step, total_steps,
                  eval_every=cfg.eval_interval or max(1, total_steps // 5),
-                 checkpoint_every=cfg.checkpoint_interval or total_steps)
+                 checkpoint_every=cfg.checkpoint_interval or total_steps, fingerprint=fp)
 
 
 def train_loop(args: RMArgs, data: RMData, run: RMRun) -> None:
@@ -331,7 +338,7 @@ def train_loop(args: RMArgs, data: RMData, run: RMRun) -> None:
             run.log.write(row)
         if step % run.checkpoint_every == 0 or step == run.total_steps:
             run.ckpt.save(step, {"model": run.model}, {"optimizer": run.optimizer},
-                          {"step": step, "sampler": run.sampler.state()})
+                          {"step": step, "sampler": run.sampler.state(), "fingerprint": run.fingerprint})
         progress.update(step, stats)
     progress.close()
 

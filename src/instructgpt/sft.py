@@ -43,7 +43,7 @@ import torch.nn as nn
 from . import train
 from .batching import IGNORE, EpochSampler, PretrainWindows, pack_batch, pad, to_device
 from .chat import render, render_prompt, render_response, replies
-from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, read_done, write_done
+from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import Example, Prompt, read_examples, read_prompts
 from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
@@ -390,6 +390,7 @@ class Run:
     metric: str  # what picks the exported model: "val_loss" or "labeler_score"
     selects: bool  # whether anything picks it (False: no validation data, the last step is exported)
     base_dropout: float  # the dropout of INIT, which the exported config keeps
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
 
     @property
     def total_steps(self) -> int:
@@ -422,7 +423,8 @@ def set_up(args: SFTArgs, inp: Inputs) -> Run:
     return Run(runtime, tcfg, steps_per_epoch, eval_every, tcfg.checkpoint_interval or eval_every, fwd, optimizer,
                sampler, ptx, n_ptx, Checkpointer(args.out, keep_last=tcfg.keep_last),
                "labeler_score" if inp.sel is not None else "val_loss", inp.sel is not None or bool(inp.val),
-               base_dropout)
+               base_dropout, train.run_fingerprint(args, runtime, total_steps,
+                                                   extra={"pretraining windows per step": n_ptx * runtime.world_size}))
 
 
 def say(run: Run, message: str) -> None:
@@ -434,6 +436,7 @@ def restore(args: SFTArgs, inp: Inputs, run: Run) -> tuple[int, dict]:
     """(step, best evaluation so far): from the latest checkpoint with --resume, else the start."""
     step, best = 0, {"metric": run.metric, "value": None, "step": 0}
     if args.train.resume and (latest := run.ckpt.latest()) is not None:
+        train.check_resume(run.ckpt.state_of(latest), run.fingerprint, latest)
         state = run.ckpt.load(latest, {"model": inp.model}, {"optimizer": run.optimizer})
         step, best = state["step"], state["best"]
         run.sampler.restore(state["sampler"])
@@ -444,7 +447,7 @@ def restore(args: SFTArgs, inp: Inputs, run: Run) -> tuple[int, dict]:
 
 
 def save_state(inp: Inputs, run: Run, step: int, best: dict) -> None:
-    state = {"step": step, "best": best, "sampler": run.sampler.state()}
+    state = {"step": step, "best": best, "sampler": run.sampler.state(), "fingerprint": run.fingerprint}
     if run.ptx:
         state["ptx"] = run.ptx.state()
     run.ckpt.save(step, {"model": inp.model}, {"optimizer": run.optimizer}, state, extra_config={"stage": "sft"})
@@ -527,30 +530,30 @@ def sft_command(args: SFTArgs) -> dict:
     Fine-tunes --init on --data and exports to --out the checkpoint that --select-by chooses."""
     # returns the summary written to OUT/done.json (the finished run's, when --resume finds nothing to do)
     t0 = time.time()
+    with writing(args.out):  # OUT/.lock: one process writes OUT at a time
+        # 1. check everything a user can get wrong, and read the data, before anything is written
+        check_args(args)
+        inp = read_inputs(args)
 
-    # 1. check everything a user can get wrong, and read the data, before anything is written
-    check_args(args)
-    inp = read_inputs(args)
+        # 2. runtime, schedule, model, optimizer
+        run = set_up(args, inp)
 
-    # 2. runtime, schedule, model, optimizer
-    run = set_up(args, inp)
+        # 3. resume, or start the run's files (a finished run with nothing left to do keeps its own)
+        step, best = restore(args, inp, run)
+        if step >= run.total_steps and (args.out / DONE).is_file():
+            say(run, f"sft: {args.out} is complete ({step} steps): nothing to do")
+            return read_done(args.out)
+        (args.out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
+        args.out.mkdir(parents=True, exist_ok=True)
+        if run.runtime.is_main:
+            write_args(args.out, args)
+        log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=run.runtime.is_main,
+                               report_to=run.tcfg.report_to, stage="sft", config=to_dict(args))
+        announce(inp, run)
 
-    # 3. resume, or start the run's files (a finished run with nothing left to do keeps its own)
-    step, best = restore(args, inp, run)
-    if step >= run.total_steps and (args.out / DONE).is_file():
-        say(run, f"sft: {args.out} is complete ({step} steps): nothing to do")
-        return read_done(args.out)
-    (args.out / DONE).unlink(missing_ok=True)  # about to train (further): the stage is not complete any more
-    args.out.mkdir(parents=True, exist_ok=True)
-    if run.runtime.is_main:
-        write_args(args.out, args)
-    log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=run.runtime.is_main,
-                           report_to=run.tcfg.report_to, stage="sft", config=to_dict(args))
-    announce(inp, run)
+        # 4. the loop
+        step, best = train_loop(args, inp, run, log, step, best)
+        log.close()
 
-    # 4. the loop
-    step, best = train_loop(args, inp, run, log, step, best)
-    log.close()
-
-    # 5. choose and export the model, then the completion marker
-    return finish(args, inp, run, step, best, t0)
+        # 5. choose and export the model, then the completion marker
+        return finish(args, inp, run, step, best, t0)

@@ -143,9 +143,19 @@ class Tokenizer:
             bad = next((t for t in texts if not isinstance(t, str)), None)
             if bad is not None:
                 raise UserError(f"can only encode str, got {type(bad).__name__}") from None
-            raise self._encode_error("".join(texts), e) from None
+            for i, text in enumerate(texts):  # blame the first text the library cannot take
+                error = self._encode_error(text, e)
+                if error is not e:
+                    raise UserError(f"text {i} of {len(texts)}: {error}") from None
+            raise
 
     def _encode_error(self, text: str, e: Exception) -> Exception:
+        # A lone surrogate ("\ud800", valid in JSON and in a Python str) is not text: the library refuses it
+        # with a TypeError that names nothing.
+        bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            return UserError(f"the text is not valid Unicode: a lone surrogate ({ascii(text[bad])[1:-1]}) at "
+                             f"character {bad}")
         if self.kind == "char":
             unknown = sorted({c for c in text if self._tok.token_to_id(c) is None})
             if unknown:

@@ -21,13 +21,15 @@ the same update as one big batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .checkpoint import CONFIG, WEIGHTS
 from .distributed import Runtime, init_runtime, is_sharded, rank_and_world, unwrap
 from .errors import UserError
 from .trackers import ReportTo, open_tracker
@@ -71,6 +74,9 @@ class TrainConfig:
     keep_last: int = 2  # keep this many step checkpoints; older ones are deleted (0 keeps all)
     resume: bool = False  # continue the run in --out from its latest checkpoint (or keep a finished one)
     report_to: ReportTo = "none"  # also send the metrics.jsonl rows to tensorboard, wandb or trackio
+    # under torchrun: minutes a rank waits in a collective for the others before the run fails (a dead or hung
+    # rank then stops the job even without an elastic agent to notice it)
+    dist_timeout: float = 30.0
 
     @property
     def final_lr(self) -> float:
@@ -80,7 +86,7 @@ class TrainConfig:
         checks = [
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}"),
             (self.min_lr is None or 0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}"),
             (self.warmup_steps is None or self.warmup_steps >= 0,
              f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
@@ -94,6 +100,7 @@ class TrainConfig:
             (self.checkpoint_interval is None or self.checkpoint_interval >= 1,
              f"--checkpoint-interval must be at least 1, got {self.checkpoint_interval}"),
             (self.keep_last >= 0, f"--keep-last must be >= 0, got {self.keep_last}"),
+            (self.dist_timeout > 0, f"--dist-timeout must be positive (minutes), got {self.dist_timeout}"),
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
         ]
@@ -108,7 +115,7 @@ def setup(cfg: TrainConfig) -> Runtime:
     cfg.validate()
     if cfg.max_steps is None or cfg.warmup_steps is None:
         raise ValueError("setup: resolve max_steps and warmup_steps before the run starts")
-    return init_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.compile, cfg.fsdp)
+    return init_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.compile, cfg.fsdp, cfg.dist_timeout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +177,58 @@ class EmptyTargetsError(UserError):
     """A step whose micro-batches hold no target token: nothing to learn from, and a division by zero."""
 
 
-class DivergedError(RuntimeError):
-    """The loss or the gradient norm is NaN or infinite."""
+class DivergedError(UserError):
+    """The loss or a gradient norm is not finite: a UserError, so the CLI says it in one line (exit status 2)."""
+
+
+def diverged(step: int, loss: float, grad_norm: float) -> DivergedError:
+    return DivergedError(f"step {step}: loss {loss}, grad norm {grad_norm}: training diverged (the loss or the "
+                         "gradient norm is not finite); no step was taken with it and no checkpoint holds it: lower "
+                         "--lr, or check the data")
+
+
+class FiniteGuard:
+    """The first step whose loss or gradient norm was not finite, on the device: `train_step(sync=False)` skips
+    it without a host sync and records it here; check() (one sync) raises DivergedError for it."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # step, loss, grad norm
+
+    def record(self, step: int, finite: Tensor, loss: Tensor, grad_norm: Tensor) -> None:
+        # new_full fills on the device: a tensor made from a Python number would be a host-to-device copy, a sync
+        row = torch.stack([self.first.new_full((), float(step)), loss.detach().double(), grad_norm.detach().double()])
+        self.first = torch.where((self.first[0] < 0) & ~finite, row, self.first)
+
+    def check(self) -> None:
+        step, loss, grad_norm = self.first.tolist()
+        if step >= 0:
+            raise diverged(int(step), loss, grad_norm)
+
+
+def clip_and_check(models: dict[str, nn.Module], grad_clip: float) -> dict[str, float]:
+    """Clip each model's gradient norm to grad_clip (0: only measure) and return the norms; a non-finite one raises
+    DivergedError before a step takes it in. The norms are global (DDP, FSDP): every rank stops alike."""
+    norms = {}
+    for name, model in models.items():
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not all(map(math.isfinite, norms.values())):
+        raise DivergedError(f"the gradient norm is not finite ({', '.join(f'{k} {v}' for k, v in norms.items())}): "
+                            "training diverged (lower --lr, or check the data)")
+    return norms
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """optimizer.step() unless `skip` (a 0-d bool on the device). A fused AdamW reads it on the device (`found_inf`,
+    as for torch.amp's GradScaler: no update, moments and step count kept): no host sync. Others read it here."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()
 
 
 def train_step(
@@ -185,6 +242,7 @@ def train_step(
     step: int,
     *,
     sync: bool = True,
+    guard: FiniteGuard | None = None,
 ) -> dict:
     """One optimizer step over `micro_batches` (gradient accumulation), token-weighted.
 
@@ -192,6 +250,12 @@ def train_step(
     `n_targets_fn(mb)` its number of target tokens. Each micro-batch contributes loss_sum / N where N
     counts the targets of every micro-batch on every rank, so the update is the mean over all tokens of
     the step however they are split (DDP averages gradients over ranks, hence the factor world_size).
+
+    The step is taken only if the loss and the gradient norm are finite on every rank (checked before the
+    optimizer touches the weights or its moments): with sync=True a non-finite one raises DivergedError at
+    once; with sync=False the step is skipped without a host sync and recorded in `guard`, whose check() the
+    caller runs before it saves, evaluates or logs anything. (sync=False without a guard steps unchecked, as a
+    benchmark may: a non-finite step then poisons the weights, and the next synced step raises.)
 
     Returns {"loss": mean per-token loss, "grad_norm", "lr", "tokens"}. With sync=False, "loss" and
     "grad_norm" stay 0-d tensors on the device (no host sync): call float() at log intervals only.
@@ -230,26 +294,112 @@ def train_step(
             (mb_loss * scale).backward()
         loss_sum += mb_loss.detach().float()
 
-    # 3. clip, step, clear
+    # 3. clip; the loss over every rank, and whether any rank's loss or the (global) gradient norm is not finite
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
+    grad_norm = grad_norm.detach()
     loss = loss_sum / max(1, n_local)
-    if runtime.distributed and sync:
-        both = torch.stack([loss_sum, torch.tensor(float(n_local), device=runtime.device)])
+    bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+    if runtime.distributed:  # one small all-reduce, asynchronous on CUDA: every rank takes the same decision
+        both = torch.stack([loss_sum, loss_sum.new_full((), float(n_local)), bad])
         torch.distributed.all_reduce(both)
-        loss = both[0] / both[1].clamp(min=1)
-    stats = {"loss": loss, "grad_norm": grad_norm.detach(), "lr": lr, "tokens": n_total}
+        loss, bad = both[0] / both[1].clamp(min=1), both[2]
+    finite = bad == 0
+
+    # 4. step (only with finite numbers), clear
+    stats = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_total}
     if sync:
         stats["loss"], stats["grad_norm"] = float(loss), float(grad_norm)
-        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-            raise DivergedError(f"step {step}: loss {stats['loss']}, grad norm {stats['grad_norm']}: "
-                                "training diverged (lower --lr, or check the data)")
+        if not bool(finite):
+            optimizer.zero_grad(set_to_none=True)
+            raise diverged(step + 1, stats["loss"], stats["grad_norm"])
+        optimizer.step()
+    elif guard is None:
+        optimizer.step()
+    else:
+        _step_unless(optimizer, ~finite)
+        guard.record(step + 1, finite, loss, grad_norm)
+    optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a resumed run must share with the run it continues
+
+RUN_LENGTH = ("--max-steps", "--epochs")  # may change when the run resumed had reached its end: training further
+# arguments that change where and how a run writes, not what it computes
+BOOKKEEPING = ("out", "train", "samples", "eval_iters", "sample_interval")
+
+
+def run_fingerprint(args: Any, runtime: Runtime, total_steps: int, per_step: int | None = None,
+                    extra: dict | None = None) -> dict:
+    """What sets a run's course, by flag, for each checkpoint's state.json: the examples of a step (`per_step`, by
+    default --batch-size x --grad-accum x processes, however split), the schedule (`total_steps`), the optimizer,
+    the seed; every argument of the stage's `args` but BOOKKEEPING (files and folders by their `data_digest`, a
+    nested dataclass field by field); `extra`, what the stage derives. As JSON stores it (compares equal)."""
+    cfg = args.train
+    out = {"examples per step (--batch-size x --grad-accum x processes)": per_step or examples_per_step(cfg, runtime),
+           "--max-steps": total_steps, "--lr": cfg.lr, "--min-lr": cfg.min_lr, "--warmup-steps": cfg.warmup_steps,
+           "--weight-decay": cfg.weight_decay, "--beta1": cfg.beta1, "--beta2": cfg.beta2, "--grad-clip": cfg.grad_clip,
+           "--seed": cfg.seed}
+    for f in (f for f in fields(args) if f.name not in BOOKKEEPING):
+        value = getattr(args, f.name)
+        if is_dataclass(value):
+            out.update({f"--{k.replace('_', '-')}": v for k, v in asdict(value).items()})
+            continue
+        if isinstance(value, Path) or (isinstance(value, list) and value and isinstance(value[0], Path)):
+            value = data_digest(value) if isinstance(value, Path) else [data_digest(p) for p in value]
+        out[f"--{f.name.replace('_', '-')}"] = value
+    return json.loads(json.dumps({**out, **(extra or {})}, default=str))
+
+
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file (read once, at about 1 GB/s)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def data_digest(path: Path | None) -> dict | None:
+    """What a resumed run compares to be sure it reads what the interrupted one read: the digest of a file; of
+    a folder, the digests of the files a stage reads there (a prepared folder's meta.json, shards and
+    tokenizer; a model folder's weights, config and tokenizer). None for None or a path that is not there."""
+    if path is None or not (path := Path(path)).exists():
+        return None
+    if not path.is_dir():
+        return file_digest(path)
+    names = [WEIGHTS, CONFIG, "tokenizer.json"]
+    if (path / "meta.json").is_file():
+        shards = json.loads((path / "meta.json").read_text()).get("shards", {})
+        names = ["meta.json", "tokenizer.json", *(n for split in sorted(shards) for n in shards[split])]
+    return {name: file_digest(path / name) for name in names if (path / name).is_file()}
+
+
+def check_resume(saved: dict, fingerprint: dict, checkpoint: Path) -> None:
+    """Refuse to continue the run of `checkpoint` (its state.json: `saved`) with other data or settings: a
+    UserError naming each. Only the run's length may change, from the checkpoint of its last step (training
+    further). A checkpoint without a fingerprint (an older version's) is taken as it is."""
+    before = saved.get("fingerprint")
+    if before is None:
+        return
+    free = RUN_LENGTH if saved.get("step", 0) >= (before.get("--max-steps") or math.inf) else ()
+    keys = sorted(before.keys() | fingerprint.keys())
+    differ = [k for k in keys if k not in free and before.get(k) != fingerprint.get(k)]
+    if not differ:
+        return
+
+    def show(k: str) -> str:
+        a, b = before.get(k), fingerprint.get(k)
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            return f"{k} (other files, or their contents changed)"
+        return f"{k} ({a} then, {b} now)"
+
+    raise UserError(f"--resume: {checkpoint} was written with other data or settings: {'; '.join(map(show, differ))}. "
+                    "Resume with the same ones, or start a new run in another --out")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,19 +420,9 @@ class MetricsLog:
         if not enabled:
             return
         self.tracker = open_tracker(report_to, self.path.parent, stage or self.path.parent.name, config)
+        keep_rows_up_to(self.path, resume_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        self.path.touch()
 
     def log(self, step: int, **metrics: Any) -> None:
         if not self.enabled:
@@ -308,12 +448,45 @@ class MetricsLog:
             self.tracker = None
 
 
+def keep_rows_up_to(path: Path, step: int | None) -> None:
+    """Rewrite a log of JSON rows with a "step" (metrics.jsonl, samples.jsonl), if any, for a run starting at
+    `step`: the rows up to it stay, later ones (written again) and a torn line (a killed append) go; None (a
+    fresh run) keeps none. Atomic: a temporary file, then a rename."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    if step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl ([] when there is none)."""
+    """The rows of a metrics.jsonl ([] when there is none). A torn last line (the run was killed while it
+    appended) is skipped with a warning; any other line that is not JSON is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise UserError(f"{path}:{n}: not a JSON row ({e.msg})") from None
+            warnings.warn(f"{path}:{n}: skipped a torn last line (its run stopped while writing it)", stacklevel=2)
+    return rows
 
 
 def _jsonable(v: Any) -> Any:
