@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_thread_pool
 from safetensors.torch import load_file
 from test_rm import build_world_run  # the small world run: labeler rankings and a fresh tiny model
 
-from instructgpt import distributed
 from instructgpt import dpo as dpo_module
 from instructgpt.batching import IGNORE
 from instructgpt.batching import pad_labelled as pad
@@ -31,13 +31,7 @@ from instructgpt.tokenizer import Tokenizer
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread (see test_rm.py)."""
-    before = torch.get_num_threads()
-    patch = pytest.MonkeyPatch()
-    patch.setattr(distributed, "default_threads", lambda: 1)
-    torch.set_num_threads(1)
-    yield
-    patch.undo()
-    torch.set_num_threads(before)
+    yield from one_thread_pool()
 
 
 def test_dpo_loss_by_hand() -> None:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_thread_pool
 from safetensors.torch import load_file
 from test_pretrain import write_data  # a learnable token stream as `prepare` writes it
 from test_rm import build_world_run  # world prompts ranked by the labeler, and a fresh tiny "SFT" model
 
-from instructgpt import distributed
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.cli import main
 from instructgpt.dpo import dpo_command
@@ -49,13 +49,7 @@ TIMINGS = ("tokens_per_s", "mfu", "time/generate", "time/score", "time/step")  #
 def one_thread():
     """One intra-op thread here, and one core for the subprocesses (`default_threads` counts the cores a
     process may use): the same thread count, hence the same floating-point sums, on both sides of a kill."""
-    before = torch.get_num_threads()
-    patch = pytest.MonkeyPatch()
-    patch.setattr(distributed, "default_threads", lambda: 1)
-    torch.set_num_threads(1)
-    yield
-    patch.undo()
-    torch.set_num_threads(before)
+    yield from one_thread_pool()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_thread_pool
 from safetensors.torch import load_file
 
-from instructgpt import checkpoint, distributed
+from instructgpt import checkpoint
 from instructgpt import rm as rm_module
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.cli import main
@@ -40,13 +41,7 @@ from instructgpt.world.labeler import response_variants
 def one_thread():
     """Tiny models run fastest on one intra-op thread (and a busy 2-core machine makes two threads spin);
     the stages size their thread pool from `distributed.default_threads`."""
-    before = torch.get_num_threads()
-    patch = pytest.MonkeyPatch()
-    patch.setattr(distributed, "default_threads", lambda: 1)
-    torch.set_num_threads(1)
-    yield
-    patch.undo()
-    torch.set_num_threads(before)
+    yield from one_thread_pool()
 
 
 # ----------------------------------------------------------------------------------------------------
