@@ -26,7 +26,7 @@ import torch
 from instructgpt.batching import pad
 from instructgpt.checkpoint import save_model
 from instructgpt.generate import SamplingParams, generate
-from instructgpt.hf import export_hf
+from instructgpt.hf_export import export_hf
 from instructgpt.model import GPT, ModelConfig
 
 PROMPT_LEN, NEW_TOKENS, PAD = 48, 64, 0

@@ -211,7 +211,7 @@ def hf_twin(model: GPT, tmp: Path):
     """The same weights as a transformers model, through our exporter."""
     import transformers
 
-    from instructgpt.hf import export_hf
+    from instructgpt.hf_export import export_hf
 
     transformers.logging.set_verbosity_error()
     save_model(model, tmp / "ours")

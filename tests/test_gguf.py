@@ -485,4 +485,5 @@ def test_smollm_import_keeps_its_chat_template(smollm):
                                                                                 "<|im_end|>")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     assert tok.token_to_id("<|im_end|>") == 2 and tok.token_to_id("<|im_start|>") == 1
-    assert tok.vocab_size == 49152 + 6  # the model's tokens, then our six chat tokens (for now)
+    assert tok.vocab_size == 49152  # nothing added: the model keeps its tokenizer and renders with its template
+    assert tok.chat_template == template and tok.stop_ids == (2,) and not tok.builtin

@@ -23,7 +23,8 @@ from instructgpt.checkpoint import save_model  # noqa: E402
 from instructgpt.cli import main as cli_main  # noqa: E402
 from instructgpt.errors import UserError  # noqa: E402
 from instructgpt.generate import SamplingParams, generate  # noqa: E402
-from instructgpt.hf import SCORE_BIAS_KEY, export_hf, import_command, import_hf  # noqa: E402
+from instructgpt.hf import SCORE_BIAS_KEY, import_command, import_hf  # noqa: E402
+from instructgpt.hf_export import export_hf  # noqa: E402
 from instructgpt.model import GPT, ModelConfig, ScalarModel, positions_from_mask  # noqa: E402
 from instructgpt.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "instructgpt"
 STAGES = {"pretrain", "sft", "collect", "rm", "ppo", "dpo", "evaluate"}
-APPS = {"cli", "pipeline", "chat_cli", "serve", "openai_api", "hf", "gguf", "report", "world.command"}
+APPS = {"cli", "pipeline", "chat_cli", "serve", "openai_api", "hf", "hf_export", "gguf", "report", "world.command"}
 
 
 def module_name(path: Path) -> str:

@@ -271,7 +271,7 @@ def test_sse_wire_format(server):
 
 
 class _Tok:
-    eos_id = 2
+    eos_id, stop_ids = 2, (2,)
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)

@@ -158,7 +158,7 @@ def test_text_stream_windows_stay_short_on_invalid_bytes(tiny):
     decoded = []
 
     class Spy:  # the tokenizer, recording how many ids each decode gets
-        eos_id = tok.eos_id
+        eos_id, stop_ids = tok.eos_id, tok.stop_ids
 
         def decode(self, ids):
             decoded.append(len(ids))
@@ -188,7 +188,7 @@ def test_text_stream_keeps_sentencepiece_spaces():
 
 
 class CharTok:
-    eos_id = 2
+    eos_id, stop_ids = 2, (2,)
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)

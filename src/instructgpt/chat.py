@@ -14,6 +14,11 @@ is encoded on its own, never across a special token, so
     render(prefix + [reply])[0] == render_prompt(prefix) + render_response(reply)
 
 token for token; a model generating after render_prompt produces exactly the training ids.
+
+A tokenizer with a chat template of its own (an imported model's) is rendered with that template instead
+(`template`): the same three functions, the same guarantee, the reply's tokens through its end-of-turn token
+trained. `BUILTIN_TEMPLATE` is the format above as such a template, with `{% generation %}` markers, for
+other tools (export-hf writes it).
 """
 
 from __future__ import annotations
@@ -21,12 +26,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from . import template
 from .errors import UserError
 from .generate import SamplingParams, generate
 from .tokenizer import Tokenizer
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
+BUILTIN_TEMPLATE = (
+    "{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|eos|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|eos|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
 
 def _check(messages: list[dict]) -> None:
@@ -53,6 +65,11 @@ def render(
     With add_generation_prompt, the assistant marker is appended (mask 0) for the model to continue.
     """
     _check(messages)
+    if tok.chat_template is not None:
+        if add_generation_prompt:
+            ids = template.prompt_ids(tok, messages)
+            return ids, [0] * len(ids)
+        return template.render_ids(tok, messages)
     ids, mask = [tok.bos_id], [0]
     for m in messages:
         content = tok.encode(m["content"]) + [tok.eos_id]
@@ -74,9 +91,12 @@ def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
 
 
 def render_response(tok: Tokenizer, response: str) -> list[int]:
-    """Ids of a reply as they follow render_prompt in training: encode(response) + <|eos|>."""
+    """Ids of a reply as they follow render_prompt in training: encode(response) + <|eos|> (with a model's own
+    template: the reply's tokens through its end-of-turn token)."""
     if not isinstance(response, str):
         raise UserError(f"a response must be a string, got {type(response).__name__}")
+    if tok.chat_template is not None:
+        return template.response_ids(tok, response)
     return tok.encode(response) + [tok.eos_id]
 
 
@@ -101,11 +121,11 @@ def replies(model, tok: Tokenizer, prompts, few_shot: bool, max_new_tokens: int,
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         if few_shot:
-            ids = [[tok.bos_id] + tok.encode(few_shot_prompt(p.messages[-1]["content"])) for p in chunk]
+            ids = [tok.begin + tok.encode(few_shot_prompt(p.messages[-1]["content"])) for p in chunk]
         else:
             ids = [render_prompt(tok, p.messages) for p in chunk]
         ids = [i[-(block - max_new_tokens):] for i in ids]
-        gen = generate(model, ids, params, tok.eos_id, tok.pad_id, start_id=tok.bos_id)
+        gen = generate(model, ids, params, tok.stop_ids, tok.pad_id, start_id=tok.bos_id)
         for toks, ended in zip(gen.token_lists(), gen.ended.tolist()):
             text = tok.decode(toks)
             if few_shot:
@@ -170,7 +190,7 @@ class TextStream:
     def push(self, token: int) -> tuple[str, str | None]:
         """Feed one generated token; returns (new text, finish reason or None)."""
         self.n_tokens += 1
-        if token == self.tok.eos_id:
+        if token in self.tok.stop_ids:
             return self._finish("stop")
         self.ids.append(token)
         window = self.tok.decode(self.ids[self._p :])

@@ -145,7 +145,7 @@ def _reply(model, tok, prompt: Sequence[int], params: SamplingParams, console: C
     out = TextStream(tok)
     console.print("[bold cyan]assistant>[/bold cyan] ", end="")
     try:
-        for token, _, _ in stream(model, [prompt], step, tok.eos_id, tok.pad_id, generator, start_id=tok.bos_id):
+        for token, _, _ in stream(model, [prompt], step, tok.stop_ids, tok.pad_id, generator, start_id=tok.bos_id):
             delta, finish = out.push(int(token[0]))
             console.print(printable(delta), end="", markup=False, highlight=False, soft_wrap=True)
             if finish:

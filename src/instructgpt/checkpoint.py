@@ -37,6 +37,7 @@ from torch import Tensor
 from .distributed import barrier, is_sharded, launch_rank, rank_and_world, unwrap
 from .errors import UserError
 from .model import GPT, ModelConfig, ScalarModel, Seq2Seq, build_model
+from .tokenizer import FILES as TOKENIZER_FILES
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -603,15 +604,17 @@ def writing(out: Path) -> Iterator[None]:
 
 def read_done(out: Path) -> dict | None:
     """The summary a finished stage left in OUT/done.json, or None."""
-    done = Path(out) / DONE
-    return json.loads(done.read_text()) if done.is_file() else None
+    return json.loads((Path(out) / DONE).read_text()) if (Path(out) / DONE).is_file() else None
 
 
 def write_done(out: Path, summary: dict, tokenizer_from: Path | None = None) -> None:
-    """Finish a stage folder (main rank only): copy the tokenizer beside the exported model, then write
-    done.json, both atomically; done.json comes last, so it exists only when everything else does."""
+    """Finish a stage folder (main rank only): copy the tokenizer files beside the exported model, then write
+    done.json, all atomically; done.json comes last, so it exists only when everything else does."""
     out = Path(out)
     if tokenizer_from is not None:
-        src = Path(tokenizer_from) / "tokenizer.json"
-        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
+        for name in TOKENIZER_FILES:
+            if (src := Path(tokenizer_from) / name).is_file():
+                atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+            else:  # a stale one of an earlier run into OUT
+                (out / name).unlink(missing_ok=True)
     write_json_atomic(out / DONE, summary)

@@ -21,7 +21,8 @@ from .distributed import finish_distributed
 from .dpo import dpo_command
 from .errors import UserError
 from .evaluate import eval_command
-from .hf import export_command, import_command
+from .hf import import_command
+from .hf_export import export_command
 from .pipeline import pipeline_command
 from .ppo import ppo_command
 from .prepare import prepare_command

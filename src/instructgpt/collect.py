@@ -46,7 +46,7 @@ def sample_batches(model, tok: Tokenizer, rows: list[tuple[int, list[int]]], par
     time, from batch number `first` on."""
     for s in range(first * batch_size, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        gen = generate(model, [ids for _, ids in chunk], params, tok.eos_id, tok.pad_id, generator,
+        gen = generate(model, [ids for _, ids in chunk], params, tok.stop_ids, tok.pad_id, generator,
                        start_id=tok.bos_id)
         yield [(i, tok.decode(ids), ended) for (i, _), ids, ended in zip(chunk, gen.token_lists(), gen.ended.tolist())]
 

@@ -16,28 +16,38 @@ The record format is detected per record from its keys:
 
 demonstrations (`read_examples`)
     ``{"prompt", "completion"}``: prompt (a string or a list of messages ending with a user message) and
-    the assistant's reply. A trailing ``<|endoftext|>`` on the completion (T0 / self-instruct data) is
-    removed: the chat template adds its own end token.
-    ``{"messages": [...]}``: OpenAI-style chat, roles ``system``/``user``/``assistant``, ending with the
-    assistant's reply.
+    the assistant's reply: a string, or (TRL's conversational prompt-completion) a list of messages that
+    starts and ends with an assistant message. A trailing ``<|endoftext|>`` on a string completion (T0 /
+    self-instruct data) is removed: the chat template adds its own end token. With a boolean ``"label"``
+    it is TRL's unpaired preference (KTO) format, refused: a completion labelled false is no demonstration.
+    ``{"messages": [...]}``: OpenAI-style chat (and TRL's conversational language modelling), roles
+    ``system``/``user``/``assistant``, ending with the assistant's reply.
     ``{"instruction", "input", "output"}``: Alpaca; the user says the instruction, followed by
     ``"\\n\\n"`` and the input when the input is present and not blank.
     ``{"question", "answer"}``: GSM8K; the answer is the reply as given (see `gsm8k_final_answer`).
 
 comparisons (`read_comparisons`)
-    ``{"prompt", "chosen", "rejected"}``: two replies, K = 2, ranking ``[0, 1]``.
-    ``{"chosen", "rejected"}`` without a prompt: Anthropic HH, two whole ``"\\n\\nHuman: ...\\n\\nAssistant:
-    ..."`` transcripts that share every turn but the last assistant reply. Turns are stripped of the
-    surrounding whitespace that the transcript format puts around them.
+    ``{"prompt", "chosen", "rejected"}``: two replies, K = 2, ranking ``[0, 1]``. A reply is a string or
+    (TRL's conversational preference) a list of messages: the one assistant reply, which may follow a
+    repeat of the prompt's messages (as some datasets write it).
+    ``{"chosen", "rejected"}`` without a prompt: two whole conversations that share every message but the
+    last assistant reply, the shared messages being the prompt: Anthropic HH ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
+    transcripts (turns stripped of the whitespace that the format puts around them) or lists of messages
+    (TRL's implicit prompt). A conversation must end with exactly one assistant message: we rank one reply.
     ``{"prompt", "completions", "ranking"}``: K >= 2 replies ranked best to worst.
+    TRL's unpaired ``{"prompt", "completion", "label"}`` (KTO) records are refused: the reward model and
+    DPO learn from replies ranked against each other.
 
 prompts (`read_prompts`)
     ``{"prompt"}`` (string or messages), ``{"messages"}`` ending with a user message, or any record
-    above: its prompt part is taken (a ``messages`` list ending with the assistant's reply loses that
-    reply).
+    above, TRL's unpaired (KTO) ones included: its prompt part is taken (a ``messages`` list ending with
+    the assistant's reply loses that reply).
 
-Keys a format does not use are passed through in ``meta``. A prompt's ``meta`` keeps everything that
-was not needed to build the prompt (a completion, a GSM8K answer), which evaluation can use as reference.
+A message is ``{"role", "content"}`` with a string content. Any other key of a message (``"name"``,
+``"tool_calls"``) is refused unless it is null or an empty list (a parquet table gives every message every
+key that any message has). Keys a record's format does not use are passed through in ``meta``. A prompt's
+``meta`` keeps everything that was not needed to build the prompt (a completion, a GSM8K answer), which
+evaluation can use as reference.
 
 JSON is read strictly (see `records`): a duplicate key, NaN or Infinity, JSON nested deeper than Python can
 parse, and a string with a lone surrogate (``"\\ud800"``, which no tokenizer can take) make a record invalid.
@@ -70,11 +80,12 @@ ROLES = ("system", "user", "assistant")
 END_OF_TEXT = "<|endoftext|>"  # T0 / self-instruct completions end with GPT-2's end token, as text
 
 SFT_FORMATS = (
-    '{"prompt", "completion"}, {"messages": [...]} ending with an assistant message, '
+    '{"prompt", "completion"} (strings or TRL message lists), {"messages": [...]} ending with an assistant message, '
     'Alpaca {"instruction", "input" (optional), "output"}, GSM8K {"question", "answer"}'
 )
 COMPARISON_FORMATS = (
-    '{"prompt", "chosen", "rejected"}, Anthropic HH {"chosen", "rejected"} transcripts, '
+    '{"prompt", "chosen", "rejected"} (strings or TRL message lists), {"chosen", "rejected"} without a prompt '
+    "(Anthropic HH transcripts, or TRL message lists that share all but the last reply), "
     '{"prompt", "completions": [...], "ranking": [...]}'
 )
 PROMPT_FORMATS = (
@@ -253,12 +264,11 @@ def _example(rec: dict, loc: str) -> Example:
         answer = _string(rec, "answer", loc, reply=True)
         return Example([_msg("user", question), _msg("assistant", answer)], _meta(rec, "question", "answer"))
     if "completion" in rec or ("prompt" in rec and not _is_comparison(rec)):
+        if isinstance(rec.get("label"), bool):
+            raise _unpaired(loc, 'demonstrations are replies to learn from: keep the records labelled true and '
+                            'remove "label"')
         prompt = _prompt_value(rec, "prompt", loc)
-        completion = _string(rec, "completion", loc)
-        if completion.endswith(END_OF_TEXT):
-            completion = completion[: -len(END_OF_TEXT)]
-        _check_reply(completion, "completion", loc)
-        return Example([*prompt, _msg("assistant", completion)], _meta(rec, "prompt", "completion"))
+        return Example([*prompt, *_completion(rec, loc)], _meta(rec, "prompt", "completion"))
     raise _no_format(rec, loc, "demonstration", SFT_FORMATS)
 
 
@@ -269,13 +279,12 @@ def _comparison(rec: dict, loc: str) -> Comparison:
         ranking = _ranking(rec, len(completions), loc)
         return Comparison(prompt, completions, ranking, _meta(rec, "prompt", "completions", "ranking"))
     if "chosen" in rec or "rejected" in rec:
-        if "prompt" in rec:
-            prompt = _prompt_value(rec, "prompt", loc)
-            chosen = _string(rec, "chosen", loc, reply=True)
-            rejected = _string(rec, "rejected", loc, reply=True)
-            return Comparison(prompt, [chosen, rejected], [0, 1], _meta(rec, "prompt", "chosen", "rejected"))
-        prompt, chosen, rejected = _hh(rec, loc, need_replies=True)
-        return Comparison(prompt, [chosen, rejected], [0, 1], _meta(rec, "chosen", "rejected"))
+        prompt, chosen, rejected = _pair(rec, loc, need_replies=True)
+        return Comparison(prompt, [chosen, rejected], [0, 1], _meta(rec, "prompt", "chosen", "rejected"))
+    if "completion" in rec and "label" in rec:
+        raise _unpaired(loc, 'the reward model and DPO learn from replies ranked against each other: give a '
+                        'paired file ("prompt", "chosen", "rejected") or a K-way one ("prompt", "completions", '
+                        '"ranking")')
     raise _no_format(rec, loc, "comparison", COMPARISON_FORMATS)
 
 
@@ -295,7 +304,7 @@ def _prompt(rec: dict, loc: str) -> Prompt:
     if "question" in rec:
         return Prompt([_msg("user", _string(rec, "question", loc))], _meta(rec, "question"))
     if "chosen" in rec or "rejected" in rec:
-        prompt, _, _ = _hh(rec, loc, need_replies=False)
+        prompt, _, _ = _pair(rec, loc, need_replies=False)
         return Prompt(prompt, _meta(rec, "chosen", "rejected"))
     raise _no_format(rec, loc, "prompt", PROMPT_FORMATS)
 
@@ -311,6 +320,71 @@ def _alpaca_user(rec: dict, loc: str) -> str:
     if extra is not None and not isinstance(extra, str):
         raise _field_error(loc, "input", f"expected a string, got {type_name(extra)}")
     return f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+
+
+def _completion(rec: dict, loc: str) -> list[dict]:
+    """The reply of a prompt-completion record: a string, or messages from the assistant first and last."""
+    if isinstance(rec.get("completion"), list):
+        messages = _messages(rec, "completion", loc, last="assistant")
+        if messages[0]["role"] != "assistant":
+            raise _field_error(loc, "completion[0].role", "expected the completion to start with the assistant's "
+                               f"reply to the prompt, got a message from the {messages[0]['role']}")
+        return messages
+    text = _string(rec, "completion", loc, lists=True)
+    if text.endswith(END_OF_TEXT):
+        text = text[: -len(END_OF_TEXT)]
+    _check_reply(text, "completion", loc)
+    return [_msg("assistant", text)]
+
+
+def _unpaired(loc: str, why: str) -> UserError:
+    return _field_error(loc, "label", 'a record with "prompt", "completion" and "label" is TRL\'s unpaired '
+                        f"preference (KTO) format, one reply judged good or bad alone; {why}")
+
+
+def _pair(rec: dict, loc: str, need_replies: bool) -> tuple[list[dict], str, str]:
+    """The prompt and the two replies of a {"chosen", "rejected"} record (see the module docstring)."""
+    if "prompt" in rec:
+        prompt = _prompt_value(rec, "prompt", loc)
+        chosen = _reply(rec, "chosen", loc, prompt, need_replies, given=True)
+        return prompt, chosen, _reply(rec, "rejected", loc, prompt, need_replies, given=True)
+    if not any(isinstance(rec.get(k), list) for k in ("chosen", "rejected")):
+        return _hh(rec, loc, need_replies)
+    prompt, chosen = _final_reply(rec, "chosen", loc, need_replies)  # implicit: the prompt is what precedes it
+    if not prompt or prompt[-1]["role"] != "user":
+        raise _field_error(loc, "chosen", "without a \"prompt\" field the conversation must hold the prompt, "
+                           "ending with a user message, before the assistant's reply")
+    _check_user(prompt[-1]["content"], f"chosen[{len(prompt) - 1}].content", loc)
+    return prompt, chosen, _reply(rec, "rejected", loc, prompt, need_replies, given=False)
+
+
+def _reply(rec: dict, key: str, loc: str, prompt: list[dict], need_reply: bool, given: bool) -> str:
+    """A reply of a comparison: a string (only beside a given "prompt") or a conversation whose messages
+    before its one final assistant reply are `prompt` (or none, beside a given "prompt")."""
+    if given and not isinstance(rec.get(key), list):
+        return _string(rec, key, loc, reply=need_reply, lists=True)
+    before, reply = _final_reply(rec, key, loc, need_reply)
+    if before == prompt or (given and not before):
+        return reply
+    at = next((i for i, (a, b) in enumerate(zip(before, prompt)) if a != b), None)
+    if given:
+        rule = "expected the reply alone (one assistant message) or the prompt's messages followed by it"
+        ref, other = f"the prompt's message {at}", "the prompt"
+    else:
+        rule = 'the conversations of "chosen" and "rejected" must share every message but the last reply'
+        ref, other = f"chosen[{at}]", '"chosen"'
+    where = (f"{key}[{at}] differs from {ref}" if at is not None
+             else f'"{key}" has {len(before)} message(s) before its reply and {other} has {len(prompt)}')
+    raise _field_error(loc, key, f"{rule}; {where}")
+
+
+def _final_reply(rec: dict, key: str, loc: str, need_reply: bool) -> tuple[list[dict], str]:
+    """(the messages before the final assistant message, its content) of the conversation in rec[key]."""
+    messages = _messages(rec, key, loc, last="assistant", reply=need_reply)
+    if len(messages) > 1 and messages[-2]["role"] == "assistant":
+        raise _field_error(loc, key, "ends with more than one assistant message; a comparison ranks one reply, "
+                           "so each conversation must end with exactly one")
+    return messages[:-1], messages[-1]["content"]
 
 
 # Anthropic HH: "\n\nHuman: ...\n\nAssistant: ..."; a final "Assistant:" may have no space after it.
@@ -363,12 +437,13 @@ def _meta(rec: dict, *used: str) -> dict:
     return {k: v for k, v in rec.items() if k not in used}
 
 
-def _string(rec: dict, key: str, loc: str, reply: bool = False) -> str:
+def _string(rec: dict, key: str, loc: str, reply: bool = False, lists: bool = False) -> str:
     if key not in rec:
         raise _field_error(loc, key, "missing")
     value = rec[key]
     if not isinstance(value, str):
-        raise _field_error(loc, key, f"expected a string, got {type_name(value)}")
+        also = " (or a list of messages)" if lists else ""
+        raise _field_error(loc, key, f"expected a string, got {type_name(value)}{also}")
     if reply:
         _check_reply(value, key, loc)
     return value
@@ -397,8 +472,9 @@ def _prompt_value(rec: dict, key: str, loc: str) -> list[dict]:
     raise _field_error(loc, key, f"expected a string or a list of messages, got {type_name(value)}")
 
 
-def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
-    """Validate a list of {"role", "content"} messages; keep only those two keys."""
+def _messages(rec: dict, key: str, loc: str, last: str | None, reply: bool = True) -> list[dict]:
+    """Validate a list of {"role", "content"} messages ending with one from `last` (any when None); with
+    `reply`, a last assistant message must not be empty."""
     if key not in rec:
         raise _field_error(loc, key, "missing")
     value = rec[key]
@@ -411,6 +487,13 @@ def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
         name = f"{key}[{i}]"
         if not isinstance(m, dict):
             raise _field_error(loc, name, f'expected an object with "role" and "content", got {type_name(m)}')
+        # A parquet table gives every message each key that any message has: null there means absent.
+        extra = [k for k, v in m.items() if k not in ("role", "content") and v is not None and v != []]
+        if extra:
+            k = "tool_calls" if "tool_calls" in extra else extra[0]
+            why = ("tool calls are not supported: a message is text from the system, the user or the assistant"
+                   if k == "tool_calls" else 'unexpected key: a message holds only "role" and "content"')
+            raise _field_error(loc, f"{name}.{k}", why)
         role, content = m.get("role"), m.get("content")
         if role is None:
             raise _field_error(loc, f"{name}.role", "missing")
@@ -427,7 +510,7 @@ def _messages(rec: dict, key: str, loc: str, last: str | None) -> list[dict]:
         raise _field_error(
             loc, key, f"expected the last message to be from the {last}, got one from the {out[-1]['role']}"
         )
-    if last == "assistant":
+    if last == "assistant" and reply:
         _check_reply(out[-1]["content"], f"{key}[{len(out) - 1}].content", loc)
     if last == "user":
         _check_user(out[-1]["content"], f"{key}[{len(out) - 1}].content", loc)

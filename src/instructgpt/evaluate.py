@@ -109,7 +109,7 @@ def continuation_logprobs(model, tok: Tokenizer, pairs: list[tuple[str, str]], b
 
     items, lengths = [], []
     for context, cont in pairs:
-        c, x = [tok.bos_id] + tok.encode(context), tok.encode(cont)
+        c, x = tok.begin + tok.encode(context), tok.encode(cont)
         if len(x) >= model.config.block_size:
             raise ValueError(f"a continuation of {len(x)} tokens leaves no context in a {model.config.block_size}"
                              f"-token window: {cont[:40]!r}")

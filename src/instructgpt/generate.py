@@ -174,19 +174,27 @@ def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: i
                              f"{model.config.block_size}")
 
 
+def stop_tensor(eos_id: int | Sequence[int], device) -> torch.Tensor:
+    """The ids that end a row, as a tensor for torch.isin."""
+    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def stream(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generator: torch.Generator | None = None,
     start_id: int | None = None,
     all_finished: Callable[[torch.Tensor], bool] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), logprobs (B,), active (B,)) once per step; `active` marks the rows whose token
-    is real (rows that stopped earlier get `pad_id`). `start_id` is the decoder's first token (seq2seq).
+    is real (rows that stopped earlier get `pad_id`). A row ends at its first token in `eos_id` (one id, or
+    several: a chat template's end-of-turn and the tokenizer's end of text). `start_id` is the decoder's
+    first token (seq2seq).
     `all_finished(finished)` lets ranks under torchrun decide together when to stop (default: this
     process's rows)."""
     params.validate()
@@ -203,6 +211,7 @@ def stream(
         if generator is None and params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
         logits = runner.prefill()  # (B, V)
+        stop = stop_tensor(eos_id, logits.device)
         B = logits.size(0)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
         for step in range(params.max_new_tokens):
@@ -212,7 +221,7 @@ def stream(
             tok.masked_fill_(finished, pad_id)
             logp.masked_fill_(finished, 0.0)
             yield tok, logp, active
-            finished |= tok == eos_id
+            finished |= torch.isin(tok, stop)
             done = all_finished(finished) if all_finished is not None else bool(finished.all())
             if done or step == params.max_new_tokens - 1:
                 break
@@ -225,7 +234,7 @@ def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generator: torch.Generator | None = None,
     start_id: int | None = None,
@@ -240,5 +249,5 @@ def generate(
     tokens = torch.stack(toks, 1)  # (B, N)
     active = torch.stack(actives, 1)
     lengths = active.sum(1)
-    ended = ((tokens == eos_id) & active).any(1)
+    ended = (torch.isin(tokens, stop_tensor(eos_id, tokens.device)) & active).any(1)
     return Generation(tokens=tokens, logprobs=torch.stack(logps, 1), lengths=lengths, ended=ended)

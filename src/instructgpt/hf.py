@@ -14,24 +14,23 @@ Supported layouts, mapped onto ours (model.py):
     *ForSequenceClassification  (num_labels=1) a ScalarModel: HF's bias-free score -> score_head
 
 The model's own chat template and special tokens are kept beside our checkpoint under HF's names (CHAT_FILES):
-copied from the folder (the template also out of tokenizer_config.json), or from a GGUF's metadata.
+copied from the folder (the template also out of tokenizer_config.json), or from a GGUF's metadata. A model
+with a template keeps its tokenizer unchanged, and every stage renders conversations with that template
+(chat.py, template.py), stopping at its end-of-turn token.
 
-Our chat template needs six special tokens (<|pad|> <|bos|> <|eos|> <|system|> <|user|> <|assistant|>).
-Those the tokenizer lacks are added as special tokens at the end of its vocabulary (inside the HF matrix
-when it has unused rows past the tokenizer, as Qwen2's has); their embedding and unembedding rows start as
-the mean of the rows of the original tokens. A mean unembedding row can never win an argmax (its logit is
-the mean of the others), so greedy decoding of the imported model is unchanged until fine-tuning.
+A model without a template (a base model) gets ours, which needs six special tokens (<|pad|> <|bos|> <|eos|>
+<|system|> <|user|> <|assistant|>). Those the tokenizer lacks are added as special tokens at the end of its
+vocabulary (inside the HF matrix when it has unused rows past the tokenizer, as Qwen2's has); their embedding
+and unembedding rows start as the mean of the rows of the original tokens. A mean unembedding row can never
+win an argmax (its logit is the mean of the others), so greedy decoding of the imported model is unchanged
+until fine-tuning.
 
-Export (`export_hf`, `instructgpt export-hf`) writes a folder that `transformers.AutoModelForCausalLM` /
-`AutoModelForSequenceClassification` and `AutoTokenizer` load without custom code: GPT-2 style models as
-GPT2*, Llama style as Llama* (Qwen2* when the q/k/v projection alone has biases, Qwen3* with qk_norm). The
-vocabulary is unpadded to `vocab_size`.
+Export is hf_export.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,9 +38,10 @@ import torch
 import torch.nn as nn
 import tyro
 
-from .checkpoint import atomic_write, load_model, load_state_dict, save_model
+from .chat import BUILTIN_TEMPLATE
+from .checkpoint import atomic_write, load_state_dict, save_model
 from .errors import UserError
-from .model import GPT, ModelConfig, ScalarModel, build_model
+from .model import ModelConfig, build_model
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 HF_CONFIG = "config.json"
@@ -318,9 +318,10 @@ def _resize_vocab(rows: torch.Tensor, n_real: int, new_ids: list[int], cfg: Mode
 # Tokenizer and chat template
 
 
-def import_tokenizer(source) -> tuple[Tokenizer, int, list[int]]:
-    """A folder's tokenizer.json (or a `tokenizers.Tokenizer` read from a GGUF) with our special tokens added
-    where missing: (tokenizer, size before adding, ids of the added tokens)."""
+def import_tokenizer(source, files: dict[str, str]) -> tuple[Tokenizer, int, list[int]]:
+    """A folder's tokenizer.json (or a `tokenizers.Tokenizer` read from a GGUF) and the model's chat files:
+    (tokenizer, size before adding, ids of added tokens). A model with a chat template keeps its tokenizer as
+    it is and renders with its template; one without gets our six special tokens where missing."""
     import tokenizers
     from tokenizers import AddedToken
 
@@ -334,9 +335,26 @@ def import_tokenizer(source) -> tuple[Tokenizer, int, list[int]]:
         except Exception as e:  # the library raises a bare Exception for a malformed file
             raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
     size = raw.get_vocab_size(with_added_tokens=True)
+    template = files.get("chat_template.jinja")
+    has_ours = all(raw.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+    if template is not None and not (has_ours and template == BUILTIN_TEMPLATE):
+        config, generation = (_json_file(files, name, source) for name in ("tokenizer_config.json",
+                                                                          "generation_config.json"))
+        stop = generation.get("eos_token_id", [])
+        return Tokenizer(raw, config, template, [stop] if isinstance(stop, int) else stop), size, []
     missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return Tokenizer(raw), size, [raw.token_to_id(t) for t in missing]
+
+
+def _json_file(files: dict[str, str], name: str, source) -> dict:
+    try:
+        value = json.loads(files.get(name, "{}"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: {name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: {name} must hold a JSON object")
+    return value
 
 
 def chat_files(folder: Path) -> dict[str, str]:
@@ -367,7 +385,7 @@ def _import(src: Path, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer, dict, 
     else:
         hf, family, kind = read_hf_config(src)
         weights, tokenizer_source, files, where = HFWeights(src), src, chat_files(src), src / HF_CONFIG
-    tok, n_tok, new_ids = import_tokenizer(tokenizer_source)
+    tok, n_tok, new_ids = import_tokenizer(tokenizer_source, files)
     n_hf = _need(hf, "vocab_size", where)
     cfg = (gpt2_model_config if family == "gpt2" else llama_model_config)(hf, max(n_hf, tok.vocab_size), where)
     tensors = (_gpt2_tensors if family == "gpt2" else _llama_tensors)(weights, cfg, n_hf, kind)
@@ -385,7 +403,8 @@ def _import(src: Path, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer, dict, 
 
 
 def import_hf(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
-    """A local HF folder or .gguf file -> (our GPT or ScalarModel, our Tokenizer with the chat special tokens).
+    """A local HF folder or .gguf file -> (our GPT or ScalarModel, its Tokenizer with its chat template, or
+    with our chat special tokens when it has none).
 
     The model's vocab_size covers the HF matrix and every tokenizer id (new special tokens included). Raises
     UserError for an unsupported architecture or tensor type, pickled-only weights, a missing weight, a
@@ -400,9 +419,10 @@ def import_command(
 ) -> None:
     """Import a Hugging Face checkpoint folder or a GGUF file (GPT-2, Llama, Mistral, Qwen2 or Qwen3).
 
-    Writes OUT/model.safetensors, OUT/config.json, OUT/tokenizer.json with our chat special tokens added where
-    missing (their embeddings the mean of the others), and the model's own chat template and special tokens:
-    OUT/chat_template.jinja, tokenizer_config.json, special_tokens_map.json, generation_config.json.
+    Writes OUT/model.safetensors, OUT/config.json, OUT/tokenizer.json, and the model's own chat template and
+    special tokens: OUT/chat_template.jinja, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json. A model without a chat template gets our special tokens added to its tokenizer
+    where missing (their embeddings the mean of the others).
 
     Args:
         src: an HF model folder (config.json, safetensors weights, tokenizer.json) or a .gguf file.
@@ -427,193 +447,4 @@ def import_command(
           f"vocab {cfg.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Export
-
-
-def hf_family(cfg: ModelConfig) -> str:
-    """"gpt2", "llama" or "qwen2": the HF architecture that computes exactly what this config does."""
-    attn_bias = cfg.bias if cfg.attention_bias is None else cfg.attention_bias
-    if cfg.arch != "gpt":
-        raise UserError("only decoder-only models can be exported to Hugging Face (not seq2seq)")
-    gpt2 = (cfg.position, cfg.norm, cfg.mlp, cfg.bias, attn_bias) == ("learned", "layernorm", "gelu", True, True)
-    if gpt2 and cfg.head_dim * cfg.n_head == cfg.n_embd and not cfg.qk_norm:
-        if cfg.kv_heads != cfg.n_head:
-            raise UserError("GPT-2 has no grouped-query attention: cannot export n_kv_head < n_head")
-        return "gpt2"
-    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False) and not (
-            cfg.qk_norm and attn_bias):  # Qwen3's attention_bias would also put a bias on o_proj
-        return "qwen3" if cfg.qk_norm else "qwen2" if attn_bias else "llama"
-    raise UserError(f"no Hugging Face architecture matches position={cfg.position}, norm={cfg.norm}, mlp={cfg.mlp}, "
-                    f"bias={cfg.bias}, attention_bias={cfg.attention_bias}, qk_norm={cfg.qk_norm}, head_size="
-                    f"{cfg.head_size}: export supports GPT-2 style (learned, layernorm, gelu, biases) and Llama style")
-
-
-def hf_config(cfg: ModelConfig, kind: str, tok: Tokenizer | None, score_bias: float = 0.0) -> dict:
-    """The HF config.json of our model."""
-    family = hf_family(cfg)
-    head = "ForSequenceClassification" if kind == "scalar" else ("LMHeadModel" if family == "gpt2" else "ForCausalLM")
-    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-    ids = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"),
-                   (tok.bos_id, tok.eos_id, tok.pad_id) if tok is not None else (None,) * 3))
-    out: dict = {"architectures": [name + head], "model_type": family, "vocab_size": cfg.vocab_size,
-                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
-                 "initializer_range": 0.02, **ids}
-    if kind == "scalar":
-        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type="regression")
-        if score_bias:
-            out[SCORE_BIAS_KEY] = score_bias
-    if family == "gpt2":
-        return {**out, "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,  # None: 4C in both
-                "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": cfg.norm_eps,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False}
-    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-    rope_parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
-    out.update({
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "attention_dropout": cfg.attn_dropout,
-        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
-        "rope_parameters": rope_parameters, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
-    })
-    if family == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
-                   layer_types=["full_attention"] * cfg.n_layer)
-    return out
-
-
-def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
-    """Our weights under HF names and layouts, vocabulary unpadded, plus the score bias HF could not
-    take (0 when it was folded in or the model has no score head)."""
-    cfg = model.config
-    family = hf_family(cfg)
-    V, D, H, K, I = cfg.vocab_size, cfg.head_dim, cfg.n_head, cfg.kv_heads, cfg.hidden_dim
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    left_bias = 0.0
-    trunk = "transformer." if family == "gpt2" else "model."
-    if family == "gpt2":
-        out["transformer.wte.weight"] = sd["transformer.wte.weight"][:V]
-        out.update({k: sd[k] for k in ("transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias")})
-        for i in range(cfg.n_layer):
-            op, hp = f"transformer.h.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("attn.qkv_proj", "attn.c_attn"),
-                                 ("attn.o_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                weight = sd[f"{op}{ours}.weight"]
-                out[f"{hp}{theirs}.weight"] = weight if ours.startswith("ln") else weight.t()  # Conv1D: (in, out)
-                out[f"{hp}{theirs}.bias"] = sd[f"{op}{ours}.bias"]
-    else:
-        out["model.embed_tokens.weight"] = sd["transformer.wte.weight"][:V]
-        out["model.norm.weight"] = sd["transformer.ln_f.weight"]
-        for i in range(cfg.n_layer):
-            op, hp = f"transformer.h.{i}.", f"model.layers.{i}."
-            for part in ("weight", "bias") if family == "qwen2" else ("weight",):  # rows [q (H*D), k (K*D), v (K*D)]
-                rows = sd[f"{op}attn.qkv_proj.{part}"].split([H * D, K * D, K * D])
-                out.update({f"{hp}self_attn.{n}_proj.{part}": r for n, r in zip("qkv", rows)})
-            if cfg.qk_norm:
-                out.update({f"{hp}self_attn.{n}_norm.weight": sd[f"{op}attn.{n}_norm.weight"] for n in "qk"})
-            out[hp + "self_attn.o_proj.weight"] = sd[op + "attn.o_proj.weight"]
-            gate, up = sd[op + "mlp.fc.weight"].split([I, I])
-            out.update({hp + "mlp.gate_proj.weight": gate, hp + "mlp.up_proj.weight": up,
-                        hp + "mlp.down_proj.weight": sd[op + "mlp.proj.weight"],
-                        hp + "input_layernorm.weight": sd[op + "ln_1.weight"],
-                        hp + "post_attention_layernorm.weight": sd[op + "ln_2.weight"]})
-    if isinstance(model, ScalarModel):
-        weight, bias = sd["score_head.weight"], float(sd["score_head.bias"][0])
-        out["score.weight"] = weight
-        norm_bias = trunk + "ln_f.bias"
-        if norm_bias in out and bias != 0.0 and float(weight.pow(2).sum()) > 0:
-            # HF's score layer has no bias. With a LayerNorm bias beta before it, w.(g n + beta) + b equals
-            # w.(g n + beta + b w / |w|^2): the constant moves into beta and the scores stay the same.
-            out[norm_bias] = out[norm_bias] + bias * weight[0] / weight.pow(2).sum()
-        else:
-            left_bias = bias
-    elif not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"][:V]
-    return {k: v.contiguous() for k, v in out.items()}, left_bias
-
-
-def _chat_template() -> str:
-    # chat.render as Jinja: <|bos|> then <|role|> content <|eos|> per message; <|assistant|> to generate.
-    return ("{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
-            "+ '<|eos|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-
-
-def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
-    """tokenizer_config.json, special_tokens_map.json and generation_config.json for AutoTokenizer and
-    generate(): a plain PreTrainedTokenizerFast over tokenizer.json, our special tokens, left padding."""
-    names = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    extra = [t for t in SPECIAL_TOKENS if t not in names.values()]
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **names, "additional_special_tokens": extra,
-        "model_max_length": cfg.block_size, "padding_side": "left", "clean_up_tokenization_spaces": False,
-        "add_bos_token": False, "add_eos_token": False, "chat_template": _chat_template(),
-    }
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    return {"tokenizer_config.json": tokenizer_config,
-            "special_tokens_map.json": {**names, "additional_special_tokens": extra},
-            "generation_config.json": generation}
-
-
-def export_hf(model_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Our checkpoint folder (GPT or ScalarModel) -> an HF folder that transformers' Auto classes load.
-
-    The tokenizer is taken from `model_dir/tokenizer.json`; without it only the weights and config are
-    written (and `log` says so)."""
-    from safetensors.torch import save_file
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model = load_model(model_dir)
-    if not isinstance(model, GPT | ScalarModel):
-        raise UserError(f"{model_dir}: only GPT and scalar (reward) models can be exported to Hugging Face")
-    cfg = model.config
-    kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
-    tok = None
-    if (model_dir / TOKENIZER).is_file():
-        tok = Tokenizer.load(model_dir / TOKENIZER)
-        if tok.vocab_size > cfg.vocab_size:
-            raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
-    else:
-        log(f"note: {model_dir} has no {TOKENIZER}: exporting the weights and config only (no tokenizer, "
-            "no bos/eos/pad ids); copy the run's tokenizer.json there and export again for a complete folder")
-    tensors, score_bias = hf_tensors(model)
-    config = hf_config(cfg, kind, tok, score_bias)
-    if score_bias:
-        log(f"note: HF's {config['architectures'][0]} has no bias on its score layer and an RMSNorm without "
-            f"bias precedes it, so the exported scores are ours minus {score_bias:.6g} (kept in config.json "
-            f"as {SCORE_BIAS_KEY}); rankings and preference probabilities are unchanged")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    files = {HF_CONFIG: config}
-    if tok is not None:
-        files.update(tokenizer_files(tok, cfg))
-        if kind == "scalar":
-            del files["generation_config.json"]  # a classifier does not generate
-        tok.save(out_dir / TOKENIZER)
-    for name, content in files.items():
-        atomic_write(out_dir / name, lambda tmp, c=content: Path(tmp).write_text(json.dumps(c, indent=2) + "\n"))
-    return out_dir
-
-
-def export_command(src: Path, out: Path) -> None:
-    """Export our checkpoint (language or reward model) as a Hugging Face model folder.
-
-    GPT-2 style models become GPT2LMHeadModel / GPT2ForSequenceClassification, Llama style ones
-    LlamaForCausalLM / LlamaForSequenceClassification (Qwen2* with q/k/v biases, Qwen3* with qk_norm).
-    SRC/tokenizer.json is exported with them when present.
-
-    Args:
-        src: our checkpoint folder (model.safetensors + config.json, and tokenizer.json).
-        out: the folder to write (config.json, model.safetensors, tokenizer files).
-    """
-    export_hf(src, out)
-    print(f"exported {src} -> {out}")
-
-
-__all__ = ["HFWeights", "export_command", "export_hf", "hf_config", "hf_tensors", "import_command", "import_hf"]
+__all__ = ["HFWeights", "import_command", "import_hf"]

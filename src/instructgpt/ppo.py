@@ -154,7 +154,7 @@ class GumbelPolicy(nn.Module):
         return logits - e.log()[:, None]
 
 
-def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int,
+def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int | Sequence[int], pad_id: int,
             generator: torch.Generator | None, runtime: Runtime | None = None) -> Rollout:
     """1. Sample one response per prompt (lists of ids) with the generation engine, at params.temperature.
     Under torchrun the prompts are this rank's slice of the global batch; generation runs until every rank's
@@ -519,7 +519,7 @@ def ppo_step(run: Run, args: PPOArgs, t: TrainConfig) -> tuple[dict, list[dict]]
     # 1. rollout: every rank its slice of the global batch of prompts
     idx = rank_rows(run.sampler.take(t.batch_size * W), rt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.ppo.temperature)
-    ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.eos_id, tok.pad_id, run.generator, rt)
+    ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.stop_ids, tok.pad_id, run.generator, rt)
     texts = [tok.decode(r) for r in ro.response_lists()]
     prompts = [run.items[i].messages[-1]["content"] for i in idx]
     t_gen = time.time() - step_t0

@@ -313,7 +313,7 @@ class Batcher:
 
         self.model_calls += 1
         self.last_step = time.monotonic()
-        steps = stream(self.model, prompts, params, self.tok.eos_id, self.tok.pad_id, start_id=self.tok.bos_id,
+        steps = stream(self.model, prompts, params, self.tok.stop_ids, self.tok.pad_id, start_id=self.tok.bos_id,
                        all_finished=lambda _: all(done))
         for tokens, logprobs, _ in steps:
             self.last_step = time.monotonic()
@@ -325,7 +325,7 @@ class Batcher:
                 if job.cancelled:
                     done[r] = True
                     continue
-                if lps[r] is not None and token != self.tok.eos_id:
+                if lps[r] is not None and token not in self.tok.stop_ids:
                     lps[r].append((token, step_lps[r], text.length))
                 delta, reason = text.push(token)
                 if reason is None and text.n_tokens >= job.params.max_new_tokens:
@@ -450,7 +450,7 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
                            f"rows this server runs at once", param="prompt")
         for t in texts:
             check_length(len(t), max_chars, batcher.context, "prompt")
-        prompts = await run_in_threadpool(lambda: [[tok.bos_id] + tok.encode(t) for t in texts])
+        prompts = await run_in_threadpool(lambda: [tok.begin + tok.encode(t) for t in texts])
         return await _answer(req, request, prompts, chat=False)
 
     async def _answer(req: SamplingRequest, request: Request, prompts: list[list[int]], chat: bool):
