@@ -76,6 +76,21 @@ def test_stop_at_end_token_per_row():
         assert (eos in row and row[-1] == eos) or len(row) == 8
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_stop_at_any_of_several_stop_ids(family):
+    m = model_for(family)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    free = generate(m, PROMPTS, params, [], PAD).token_lists()
+    stops = [free[0][2], free[2][4]]  # two rows end early, at different steps (if not earlier at the other id)
+    gen = generate(m, PROMPTS, params, stops, PAD)
+    for i, p in enumerate(PROMPTS):
+        want = naive_greedy(m, p, 10, eos=None)[0]
+        cut = next((k + 1 for k, t in enumerate(want) if t in stops), len(want))
+        assert gen.token_lists()[i] == want[:cut]
+        assert bool(gen.ended[i]) == (cut < len(want) or want[-1] in stops)
+    assert gen.ended.sum() >= 2 and len(set(gen.lengths.tolist())) >= 2
+
+
 def test_sampling_is_seeded_and_reproducible():
     m = model_for("gpt2")
     p = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)

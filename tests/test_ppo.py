@@ -1,7 +1,7 @@
 """PPO and PPO-ptx: GAE against a for-loop twin, rollouts that sample what the engine's sampler does and
 give each row its own noise, rewards at the last real token, ratio 1 at the first minibatch, the logged KL
 is the KL in the rewards, learning (reward-model score and a custom reward), exact resume, loud failures and
-empty responses. Tiny models built once per module; the file runs in seconds."""
+empty responses. Tiny models built once per module; the file runs in seconds. Group RL: test_group_rl.py."""
 
 from __future__ import annotations
 
@@ -23,21 +23,11 @@ from instructgpt.errors import UserError
 from instructgpt.generate import SamplingParams, generate
 from instructgpt.losses import compute_advantages, compute_rewards, response_logprobs
 from instructgpt.model import GPT, ModelConfig, ScalarModel
-from instructgpt.ppo import (
-    GumbelPolicy,
-    PPOArgs,
-    PPOConfig,
-    custom_scores,
-    load_reward_fn,
-    make_experience,
-    ppo_command,
-    ppo_update,
-    rollout,
-    rollout_metrics,
-    score_rollout,
-)
+from instructgpt.ppo import PPOArgs, PPOConfig, make_experience, ppo_command, ppo_update, rollout, score_rollout
 from instructgpt.prepare import prepare_command
 from instructgpt.recipe import build, call, to_dict
+from instructgpt.rewards import load_reward_fn
+from instructgpt.rl import GumbelPolicy, Rollout, rollout_metrics
 from instructgpt.tokenizer import Tokenizer
 
 WORDS = "the cat sat on a mat and saw big red dogs run by us".split()
@@ -45,28 +35,26 @@ WORDS = "the cat sat on a mat and saw big red dogs run by us".split()
 REWARD_MODULE = '''
 CALLS = {"n": 0, "crash_at": None}
 
-def count_x(prompts, responses):
-    CALLS["n"] += 1
+def count_x(prompt, response, record):
+    CALLS["n"] += 1  # one call per response
     if CALLS["crash_at"] is not None and CALLS["n"] >= CALLS["crash_at"]:
         raise RuntimeError("simulated stop")
-    return [r.count("x") for r in responses]
+    return response.count("x")
 
-def nan_reward(prompts, responses):
-    return [float("nan")] + [0.0] * (len(responses) - 1)
+def nan_reward(prompt, response, record):
+    return float("nan")
 
-def missing_reward(prompts, responses):
-    return [None] * len(responses)
+def missing_reward(prompt, response, record):
+    return None
 
-def short_reward(prompts, responses):
-    return [1.0]
+def raising_reward(prompt, response, record):
+    return record["no such field"]
 '''
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def build_ppo_world(root: Path) -> dict:
     """A char tokenizer and pretraining shards over a small corpus, a random tiny policy (the "SFT" model),
-    a random reward model, a prompt file, and a module of custom rewards on sys.path."""
-    root = tmp_path_factory.mktemp("ppo")
+    a random reward model, a prompt file, and a module of custom rewards (to put on sys.path) in `root`."""
     rng = np.random.default_rng(0)
     corpus = root / "corpus.txt"
     docs = [" ".join(rng.choice(WORDS, 12)) + " xyz." for _ in range(300)]
@@ -85,10 +73,16 @@ def world(tmp_path_factory) -> dict:
     prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS, rng.integers(1, 4)))}) + "\n"
                                for _ in range(48)))
     (root / "rewards_ppo_test.py").write_text(REWARD_MODULE)
-    sys.path.insert(0, str(root))
-    yield {"root": root, "tok": tok, "sft": root / "sft", "rm": root / "rm", "prompts": prompts,
-           "data": root / "data"}
-    sys.path.remove(str(root))
+    return {"root": root, "tok": tok, "sft": root / "sft", "rm": root / "rm", "prompts": prompts,
+            "data": root / "data"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    out = build_ppo_world(tmp_path_factory.mktemp("ppo"))
+    sys.path.insert(0, str(out["root"]))
+    yield out
+    sys.path.remove(str(out["root"]))
 
 
 @pytest.fixture(autouse=True)
@@ -205,8 +199,6 @@ def test_reward_at_last_real_token_and_missing_end_penalty() -> None:
         compute_rewards(scores, logp, ref_logp, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]), 0.1)
 
     # make_experience: a response that never produced the end token loses the penalty, at its last token
-    from instructgpt.ppo import Rollout
-
     ro = Rollout(ids=torch.zeros(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6, dtype=torch.long),
                  response_mask=mask.long(), ended=torch.tensor([True, True, False]), prompt_len=2)
     scored = {"old_logp": logp, "ref_logp": ref_logp, "old_values": torch.zeros(3, 4), "scores": scores}
@@ -404,7 +396,7 @@ def test_ppo_raises_the_reward_model_score(world, tmp_path) -> None:
 
 def test_a_custom_reward_for_one_token_is_learned(world, tmp_path) -> None:
     tok = world["tok"]
-    call(ppo_command, init=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+    call(ppo_command, init=world["sft"], reward_fn=["rewards_ppo_test:count_x"], prompts=world["prompts"],
          out=tmp_path / "ppo", batch_size=16, max_steps=15, max_new_tokens=10, lr=3e-3, warmup_steps=1,
          minibatches=2, ppo_epochs=2, missing_end_penalty=0.0, device="cpu", seed=0)
 
@@ -426,14 +418,14 @@ def test_resume_is_exact(world, tmp_path) -> None:
     optimizers, with the adaptive KL controller, PPO-ptx windows, sampling RNG and prompt order in play."""
     import rewards_ppo_test as rewards
 
-    kwargs = dict(init=world["sft"], reward_fn="rewards_ppo_test:count_x", prompts=world["prompts"],
+    kwargs = dict(init=world["sft"], reward_fn=["rewards_ppo_test:count_x"], prompts=world["prompts"],
                   batch_size=8, max_steps=6, max_new_tokens=8, lr=3e-3, warmup_steps=2, minibatches=2, ppo_epochs=2,
                   kl_target=0.5, ema=0.5, ptx_coef=0.5, ptx_data=world["data"], checkpoint_interval=3,
                   device="cpu", seed=5)
     rewards.CALLS.update(n=0, crash_at=None)
     call(ppo_command, out=tmp_path / "a", **kwargs)
-    rewards.CALLS.update(n=0, crash_at=4)
-    with pytest.raises(RuntimeError, match="simulated stop"):
+    rewards.CALLS.update(n=0, crash_at=3 * 8 + 1)  # the first response of step 4
+    with pytest.raises(UserError, match="rewards_ppo_test:count_x raised RuntimeError on prompt 0 .*simulated stop"):
         call(ppo_command, out=tmp_path / "b", **kwargs)
     rewards.CALLS.update(n=0, crash_at=None)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_0000003"]
@@ -466,40 +458,33 @@ def test_resume_is_exact(world, tmp_path) -> None:
 
 
 def test_bad_custom_rewards_fail_loudly_naming_the_function(world, tmp_path) -> None:
-    responses = ["a", "b"]
-    with pytest.raises(UserError, match=r"my\.mod:fn returned a non-finite reward \(nan\) for response 1"):
-        custom_scores(lambda p, r: [0.0, float("nan")], "my.mod:fn", ["p", "q"], responses)
-    with pytest.raises(UserError, match=r"my\.mod:fn returned None for response 0"):
-        custom_scores(lambda p, r: [None, 1.0], "my.mod:fn", ["p", "q"], responses)
-    with pytest.raises(UserError, match=r"my\.mod:fn returned 1 rewards for 2 responses"):
-        custom_scores(lambda p, r: [1.0], "my.mod:fn", ["p", "q"], responses)
-    with pytest.raises(UserError, match=r"my\.mod:fn must return a list of 2 numbers, got NoneType"):
-        custom_scores(lambda p, r: None, "my.mod:fn", ["p", "q"], responses)
-    torch.testing.assert_close(custom_scores(lambda p, r: np.array([1, 2]), "f", ["p", "q"], responses),
-                               torch.tensor([1.0, 2.0]))
+    """A reward function that raises, or returns NaN or no number, stops the run with a UserError naming it (and
+    nothing is exported); a --reward-fn that does not load is refused before anything is written."""
     with pytest.raises(UserError, match="module:function"):
         load_reward_fn("no_colon")
     with pytest.raises(UserError, match="cannot load reward function 'rewards_ppo_test:nope'"):
         load_reward_fn("rewards_ppo_test:nope")
     name, fn = load_reward_fn(f"{world['root'] / 'rewards_ppo_test.py'}:count_x")  # a file path works too
-    assert fn(["p"], ["xx", "a x"]) == [2, 1] and name.endswith("rewards_ppo_test.py:count_x")
+    assert fn([], "a x x", {}) == 2 and name.endswith("rewards_ppo_test.py:count_x")
     with pytest.raises(UserError, match="no file"):
         load_reward_fn("missing_file.py:count_x")
 
     common = dict(init=world["sft"], prompts=world["prompts"], batch_size=4, max_steps=1, max_new_tokens=4,
                   minibatches=1, device="cpu")
-    for fn, message in (("nan_reward", "returned a non-finite reward"), ("missing_reward", "returned None"),
-                        ("short_reward", "returned 1 rewards for 4")):
-        with pytest.raises(UserError, match=f"rewards_ppo_test:{fn} {message}"):
-            call(ppo_command, reward_fn=f"rewards_ppo_test:{fn}", out=tmp_path / fn, **common)
+    for fn, message in (("nan_reward", "returned nan for prompt 0"), ("missing_reward", "returned None for prompt 0"),
+                        ("raising_reward", "raised KeyError on prompt 0")):
+        with pytest.raises(UserError, match=f"reward function rewards_ppo_test:{fn} {message}"):
+            call(ppo_command, reward_fn=[f"rewards_ppo_test:{fn}"], out=tmp_path / fn, **common)
+        assert not (tmp_path / fn / "model.safetensors").exists()
+    with pytest.raises(UserError, match="cannot load reward function 'rewards_ppo_test:nope'"):
+        call(ppo_command, reward_fn=["rewards_ppo_test:nope"], out=tmp_path / "nope", **common)
+    assert not (tmp_path / "nope" / "checkpoints").exists()
 
 
 def test_bad_flags_are_clear_errors(world, tmp_path) -> None:
     common = dict(init=world["sft"], prompts=world["prompts"], out=tmp_path / "x", device="cpu")
-    with pytest.raises(UserError, match="exactly one of --reward"):
+    with pytest.raises(UserError, match="give a reward: --reward"):
         call(ppo_command, **common)
-    with pytest.raises(UserError, match="exactly one of --reward"):
-        call(ppo_command, reward=world["rm"], reward_fn="rewards_ppo_test:count_x", **common)
     with pytest.raises(UserError, match="--ptx-coef needs --ptx-data"):
         call(ppo_command, reward=world["rm"], ptx_coef=27.8, **common)
     with pytest.raises(UserError, match="--ptx-data is used only by PPO-ptx"):

@@ -559,10 +559,14 @@ def test_logprobs_are_the_engines(live, tiny):
 # -- F2, F9, F10: cancellation, backpressure, health, shutdown -----------------------------------------
 
 
+ENGINES = ["continuous", "static"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("streaming", [False, True])
-def test_a_client_that_leaves_is_cancelled(live, tiny, streaming):
+def test_a_client_that_leaves_is_cancelled(live, tiny, streaming, engine):
     model, _ = tiny
-    srv = live(batch_wait_ms=1)
+    srv = live(batch_wait_ms=1, engine=engine)
     calls = slowed(model, 0.02)
     body = chat(max_tokens=50, temperature=0, stream=streaming)  # 50 tokens would take over a second
     try:
@@ -584,9 +588,70 @@ def test_a_client_that_leaves_is_cancelled(live, tiny, streaming):
         unslow(model)
 
 
-def test_a_full_queue_is_a_503_with_retry_after(live, tiny):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_request_joins_the_running_batch_and_streams_at_once(live, tiny, engine):
+    """The continuous engine admits a short request at the next step and streams it while a long one
+    runs; the static engine makes it wait for the long one (the difference this checks)."""
+    model, tok = tiny
+    srv = live(batch_wait_ms=1, engine=engine)
+    long_len = int(generate(model, [render_prompt(tok, chat()["messages"])], SamplingParams(max_new_tokens=50,
+                            temperature=0), tok.stop_ids, tok.pad_id).lengths[0])
+    assert long_len == 50  # the long request does run long
+    calls = slowed(model, 0.02)  # 50 tokens: over a second
+    ends = {}
+    try:
+        def ask_long():
+            r = httpx.post(srv.url + "/v1/chat/completions", json=chat(max_tokens=50, temperature=0), timeout=30)
+            ends["long"] = (time.perf_counter(), r.status_code)
+
+        t = threading.Thread(target=ask_long)
+        t.start()
+        while len(calls) < 5:
+            time.sleep(0.005)
+        # Log-probabilities make every token a chunk (this model's replies are special tokens, no text).
+        body = chat("héllo wörld", max_tokens=3, temperature=0, stream=True, logprobs=True)
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if '"logprobs": {' in line:
+                    ends.setdefault("first", time.perf_counter())
+        ends["short"] = time.perf_counter()
+        t.join(30)
+    finally:
+        unslow(model)
+    assert ends["long"][1] == 200 and "first" in ends
+    if engine == "continuous":
+        assert ends["short"] < ends["long"][0] - 0.3
+    else:
+        assert ends["first"] > ends["long"][0]
+
+
+def test_a_requests_choices_share_one_prefill(live, tiny, monkeypatch):
+    model, tok = tiny
+    srv = live()
+    batch = srv.app.state.batcher.engine.batch
+    prefilled, prefill = [], batch.prefill
+    monkeypatch.setattr(batch, "prefill", lambda slots, prompts, *a: prefilled.append(len(prompts))
+                        or prefill(slots, prompts, *a))
+    body = chat("the cat sat on the mat", n=4, max_tokens=12, temperature=0, logprobs=True)
+
+    def replies(body) -> set[tuple]:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
+        assert len(r["choices"]) == 4
+        return {tuple(x["token"] for x in c["logprobs"]["content"]) for c in r["choices"]}
+
+    greedy = replies(body)
+    assert prefilled == [1]
+    ids = render_prompt(tok, body["messages"])
+    alone = generate(model, [ids], SamplingParams(max_new_tokens=12, temperature=0), tok.stop_ids, tok.pad_id)
+    want = [t for t in alone.token_lists()[0] if t not in tok.stop_ids]  # no log-probability for an end token
+    assert greedy == {tuple(tok.decode([t], skip_special_tokens=False) for t in want)}
+    assert len(replies({**body, "temperature": 1.0, "seed": 3})) > 1 and prefilled == [1, 1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_full_queue_is_a_503_with_retry_after(live, tiny, engine):
     model, _ = tiny
-    srv = live(max_batch_size=2, max_n=2, max_queued_rows=2, batch_wait_ms=1)
+    srv = live(max_batch_size=2, max_n=2, max_queued_rows=2, batch_wait_ms=1, engine=engine)
     calls = slowed(model, 0.02)
     try:
         first = []
@@ -606,9 +671,10 @@ def test_a_full_queue_is_a_503_with_retry_after(live, tiny):
         unslow(model)
 
 
-def test_health_reports_a_stuck_engine_and_a_dead_batcher(live, tiny):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_health_reports_a_stuck_engine_and_a_dead_batcher(live, tiny, engine):
     model, _ = tiny
-    srv = live(stall_after_s=0.3, batch_wait_ms=1)
+    srv = live(stall_after_s=0.3, batch_wait_ms=1, engine=engine)
     gate = threading.Event()
     slowed(model, 0.0, gate)
     try:
@@ -630,10 +696,13 @@ def test_health_reports_a_stuck_engine_and_a_dead_batcher(live, tiny):
     # A bug that kills the model loop: the request that met it is answered, and /health says so.
     batcher = srv.app.state.batcher
 
-    def broken_plan(jobs):
+    def broken(jobs):
         raise RuntimeError("bug in the batcher (simulated)")
 
-    batcher.plan = broken_plan
+    if engine == "static":
+        batcher.plan = broken
+    else:
+        batcher.admit = broken
     r = httpx.post(srv.url + "/v1/chat/completions", json=chat(max_tokens=2), timeout=10)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     h = httpx.get(srv.url + "/health")
@@ -642,12 +711,13 @@ def test_health_reports_a_stuck_engine_and_a_dead_batcher(live, tiny):
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
-def test_stop_cancels_jobs_and_waits_a_bounded_time(tiny):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_cancels_jobs_and_waits_a_bounded_time(tiny, engine):
     model, tok = tiny
     calls = slowed(model, 0.05)
 
     async def scenario():
-        batcher = Batcher(model, tok, ServerConfig(stop_timeout_s=2))
+        batcher = Batcher(model, tok, ServerConfig(stop_timeout_s=2, engine=engine))
         await batcher.start()
         params = SamplingParams(max_new_tokens=60, temperature=0)
         jobs = batcher.submit([[tok.bos_id, 7, 8]], [params], 2, [])

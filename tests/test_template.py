@@ -157,3 +157,19 @@ def test_smollm_template_ids_are_transformers_and_the_mask_is_the_replies(smol, 
         assert ids[len(prompt):len(prompt) + len(reply)] == reply and reply[-1] == im_end
     assert tok.stop_ids == (im_end,) and tok.begin == []
     assert "<|im_end|>" in tok.special_tokens and not any(t in tok.special_tokens for t in SPECIAL_TOKENS)
+
+
+def test_export_writes_our_template_with_generation_markers_that_transformers_masks_with(ours, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from instructgpt.checkpoint import save_model
+    from instructgpt.hf_export import export_hf
+    from instructgpt.model import GPT, ModelConfig
+
+    save_model(GPT(ModelConfig(vocab_size=ours.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64)), tmp_path)
+    ours.save(tmp_path)
+    export_hf(tmp_path, tmp_path / "hf", log=lambda _: None)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for msgs in conversations(random.Random(2), 20):
+        msgs = [{**m, "content": m["content"].replace("<|eos|>", "eos")} for m in msgs]
+        got = theirs.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert (got["input_ids"], got["assistant_masks"]) == render(ours, msgs)

@@ -3,7 +3,7 @@ loading), resumable step checkpoints, the stage's exported model, and the stage 
 against reusing a folder by accident and the atomic `done.json` written last).
 
 Nothing here unpickles: weights are safetensors, configs and states JSON, and the rest (optimizer and RNG
-states) is loaded with `torch.load(weights_only=True)` (invariant 10). Every file and folder is written to a
+states, `runstate`) is loaded with `torch.load(weights_only=True)` (invariant 10). Every file and folder is written to a
 temporary name and renamed (invariant 9).
 
 Under FSDP every parameter (and Adam moment) is a DTensor holding 1/world_size of it. Checkpoints and the
@@ -20,14 +20,13 @@ import contextlib
 import fcntl
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
@@ -37,6 +36,7 @@ from torch import Tensor
 from .distributed import barrier, is_sharded, launch_rank, rank_and_world, unwrap
 from .errors import UserError
 from .model import GPT, ModelConfig, ScalarModel, Seq2Seq, build_model
+from .runstate import full_copy, load_optimizer_state, optimizer_state, rng_state, set_rng_state, shard_like
 from .tokenizer import FILES as TOKENIZER_FILES
 
 WEIGHTS = "model.safetensors"
@@ -243,12 +243,12 @@ def _load_sharded(model: nn.Module, tensors: dict[str, Tensor], source: str) -> 
         full = tensors[first[id(params[key])] if key in params else key]
         if tuple(full.shape) != tuple(like.shape):
             raise UserError(f"{source}: {key} has shape {tuple(full.shape)}, the model expects {tuple(like.shape)}")
-        state[key] = _shard_like(full.to(like.dtype), like)
+        state[key] = shard_like(full.to(like.dtype), like)
     model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resumable state: generators, gathered weights and optimizer states
+# Gathered weights (the generators' and optimizer's states: `runstate`)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -265,53 +265,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict:
-    """Every global generator's state, as tensors, ints and lists only (loadable with weights_only)."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": list(random.getstate()[1]),  # (version, 625 ints, gauss); the ints are the state
-        "python_gauss": random.getstate()[2],
-        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-        "numpy_pos": int(np_state["state"]["pos"]),
-        "numpy_has_gauss": int(np_state["has_gauss"]),
-        "numpy_gauss": float(np_state["gauss"]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version = random.getstate()[0]
-    random.setstate((version, tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
-        "has_gauss": state["numpy_has_gauss"],
-        "gauss": state["numpy_gauss"],
-    })
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _full(t: Tensor) -> Tensor:
-    """A full CPU copy of a tensor or a DTensor (collective for a DTensor)."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu()
-
-
-def _shard_like(full: Tensor, like: Tensor) -> Tensor:
-    """`full` laid out as `like` (a DTensor: this rank's shard, cut locally; no communication)."""
-    if not hasattr(like, "full_tensor"):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
 def model_tensors(model: nn.Module) -> dict[str, Tensor] | None:
     """Full weights with canonical keys, a tied parameter once (as `save_model` stores them), on
     rank 0; None on the other ranks. A collective when the model is sharded: call on every rank."""
@@ -326,33 +279,28 @@ def model_tensors(model: nn.Module) -> dict[str, Tensor] | None:
             if id(param) in seen:
                 continue  # a tied parameter: loading re-ties it
             seen.add(id(param))
-        out[canonical_key(key)] = _full(tensor)
+        out[canonical_key(key)] = full_copy(tensor)
     return out if rank_and_world()[0] == 0 else None
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
-    """optimizer.state_dict() with full tensors, on rank 0 (None elsewhere); a collective under FSDP."""
-    state = optimizer.state_dict()
-    if not any(hasattr(v, "full_tensor") for s in state["state"].values() for v in s.values()):
-        return state if rank_and_world()[0] == 0 else None
-    full = {i: {k: _full(v) if isinstance(v, Tensor) else v for k, v in sorted(s.items())}
-            for i, s in sorted(state["state"].items())}
-    return {**state, "state": full} if rank_and_world()[0] == 0 else None
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state (`optimizer_state`); a sharded parameter's moments keep only its shard."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
-    for i, s in state["state"].items():
-        p = params[int(i)]
-        for k, v in s.items():
-            if isinstance(v, Tensor) and hasattr(p, "full_tensor") and tuple(v.shape) == tuple(p.shape):
-                s[k] = _shard_like(v, p)
-    optimizer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Step checkpoints and the exported model
+
+TRAINED = "trained.safetensors"  # in best/ of a run whose steps keep the trained tensors only
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What a Checkpointer keeps of a model. By default every weight, everywhere (full fine-tuning). A LoRA run
+    (`finetune.checkpoint_weights`) keeps in its step checkpoints only the tensors that train (the adapters, a
+    reward model's head), with their optimizer state, since the rest is the stage's --init; what it publishes
+    (OUT/ and best/) are plain merged weights that every reader of a model folder loads, and best/ also keeps
+    the trained tensors (TRAINED), from which `Checkpointer.load_best` rebuilds the chosen model."""
+
+    gather: Callable[[nn.Module], dict[str, Tensor] | None] = model_tensors  # a step's tensors; a collective
+    load: Callable[[nn.Module, dict[str, Tensor], str], None] = load_state_dict  # (model, tensors, source), strict
+    publish: Callable[[nn.Module], dict[str, Tensor] | None] = model_tensors  # OUT/ and best/; a collective
+    trained_only: bool = False  # gather holds part of the model (the rest is --init)
 
 
 class Checkpointer:
@@ -361,7 +309,8 @@ class Checkpointer:
     A step folder holds, for each model, `{name}/model.safetensors` + `{name}/config.json`, and `state/`:
     `optim_{name}.pt` (optimizer state dicts), `rng_rank{r}.pt` (every generator of each rank), and
     `state.json` (the stage's own state: step, data position, ...). It is built in a hidden temporary
-    folder beside it, fsynced, then renamed: a step folder exists complete or not at all.
+    folder beside it, fsynced, then renamed: a step folder exists complete or not at all. `weights` says
+    which tensors of a model it keeps where (every one by default; see `Weights`).
 
     Under torchrun every rank calls save/load; rank 0 writes everything except the other ranks' RNG.
     """
@@ -369,10 +318,11 @@ class Checkpointer:
     STEP = re.compile(r"^step_(\d{7,})$")
     COMPLETE = "COMPLETE"  # written last inside the temporary folder, before the rename
 
-    def __init__(self, out: Path, keep_last: int = 2):
+    def __init__(self, out: Path, keep_last: int = 2, weights: Weights | None = None):
         self.out = Path(out)
         self.root = self.out / "checkpoints"
         self.keep_last = keep_last
+        self.weights = weights or Weights()
 
     # -- saving -------------------------------------------------------------------------------------
 
@@ -393,8 +343,10 @@ class Checkpointer:
         barrier()
         torch.save(rng_state(), tmp / "state" / f"rng_rank{rank}.pt")
         barrier()
-        weights = {name: model_tensors(model) for name, model in models.items()}  # every rank: FSDP gathers
+        weights = {name: self.weights.gather(model) for name, model in models.items()}  # every rank: FSDP gathers
         optim = {name: optimizer_state(optimizer) for name, optimizer in optimizers.items()}
+        if self.weights.trained_only:  # a reader of config.json learns that these weights are not a whole model
+            extra_config = {**(extra_config or {}), "weights": "trained tensors only: the rest is the stage's --init"}
         if rank == 0:
             try:
                 for name, model in models.items():
@@ -442,13 +394,18 @@ class Checkpointer:
 
     def save_best(self, models_or_model: dict[str, nn.Module] | nn.Module, record: dict) -> Path:
         """Replace OUT/best/ with these models (the stage decides what "best" means) and `record` (e.g.
-        {"val_loss": 1.9, "step": 500}) as best.json; atomic like a step """
+        {"val_loss": 1.9, "step": 500}) as best.json; atomic like a step. With trained-only weights, best/ also
+        keeps the trained tensors (TRAINED), for `load_best`."""
         best = self.out / "best"
-        weights = self._gather(models_or_model)
+        weights = self._gather(models_or_model, self.weights.publish)
+        trained = self._gather(models_or_model, self.weights.gather) if self.weights.trained_only else {}
         if rank_and_world()[0] == 0:
             tmp = self.out / ".tmp-best"
             shutil.rmtree(tmp, ignore_errors=True)
             self._export_into(tmp, models_or_model, weights, None, sync=False)
+            for name, tensors in trained.items():
+                atomic_write(tmp / (name or "") / TRAINED,
+                             lambda t, tensors=tensors: save_file(tensors, t, metadata={"format": "pt"}), sync=False)
             write_json_atomic(tmp / "best.json", record, sync=False)
             _fsync_tree(tmp)
             _replace_folder(tmp, best)
@@ -460,21 +417,33 @@ class Checkpointer:
         best = self.out / "best"
         return best if (best / "best.json").is_file() else None
 
+    def load_best(self, models_or_model: dict[str, nn.Module] | nn.Module) -> dict:
+        """Load what best/ keeps into the models as `load` loads a step (the trained tensors of a run with
+        trained-only weights: with its --init, the chosen model); returns best.json. Every rank calls."""
+        best = self.best_model_path()
+        if best is None:
+            raise ValueError(f"load_best: {self.out} has no best/ (save_best writes it)")
+        models = {None: models_or_model} if isinstance(models_or_model, nn.Module) else models_or_model
+        for name, model in models.items():
+            path = best / (name or "") / (TRAINED if self.weights.trained_only else WEIGHTS)
+            self.weights.load(model, load_tensors(path), str(path))
+        return json.loads((best / "best.json").read_text())
+
     def export(self, models_or_model: dict[str, nn.Module] | nn.Module, extra: dict | None = None) -> Path:
         """The stage's public result: OUT/model.safetensors + OUT/config.json for one model, or
         OUT/{name}/... for several. Each file is written atomically."""
-        weights = self._gather(models_or_model)
+        weights = self._gather(models_or_model, self.weights.publish)
         if rank_and_world()[0] == 0:
             self._export_into(self.out, models_or_model, weights, extra)
         barrier()
         return self.out
 
     @staticmethod
-    def _gather(models_or_model) -> dict:
-        """{name: full weights} on rank 0 (name None for a single model); every rank must call it."""
+    def _gather(models_or_model, tensors_of: Callable[[nn.Module], dict | None]) -> dict:
+        """{name: tensors_of(model)} (name None for a single model); every rank must call it (FSDP gathers)."""
         if isinstance(models_or_model, nn.Module):
-            return {None: model_tensors(models_or_model)}
-        return {name: model_tensors(model) for name, model in models_or_model.items()}
+            return {None: tensors_of(models_or_model)}
+        return {name: tensors_of(model) for name, model in models_or_model.items()}
 
     @staticmethod
     def _export_into(folder: Path, models_or_model, weights: dict, extra: dict | None, sync: bool = True) -> None:
@@ -512,8 +481,7 @@ class Checkpointer:
         if not (path / self.COMPLETE).is_file():
             raise UserError(f"{path} is not a complete checkpoint (no {self.COMPLETE} marker)")
         for name, model in models.items():
-            tensors = load_tensors(path / name / WEIGHTS)
-            load_state_dict(model, tensors, str(path / name / WEIGHTS))
+            self.weights.load(model, load_tensors(path / name / WEIGHTS), str(path / name / WEIGHTS))
         for name, optimizer in optimizers.items():
             file = path / "state" / f"optim_{name}.pt"
             if not file.is_file():

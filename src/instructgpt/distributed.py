@@ -165,16 +165,33 @@ def shard_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     """FSDP2 in place: each Transformer block is one shard group (its weights are gathered just before it
     runs and freed after), then the root (embeddings, final norm, heads). Every parameter becomes a
     DTensor sharded on dim 0 over all ranks; the module keeps its class (an FSDP subclass of it). A frozen
-    model (a reference) can be sharded too: its forward is then a collective that every rank must call."""
+    model (a reference) can be sharded too: its forward is then a collective that every rank must call.
+    With bf16 on CUDA, weights are gathered in bf16 (`mixed_precision`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    policy = mixed_precision(runtime)
+    options = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
     for module in model.modules():
         if type(module).__name__ == "Block":
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, **options)
+    fully_shard(model, **options)
     return model
+
+
+def mixed_precision(runtime: Runtime):
+    """FSDP2's MixedPrecisionPolicy for bf16 compute on CUDA; None otherwise (--dtype float32, or the CPU: the
+    weights are gathered and used as they are stored, in fp32). Each block's weights are all-gathered in bf16
+    and computed with in bf16 (half the communication, and half the memory of a gathered block), so the
+    residual stream is bf16 too, as in torchtitan; gradients are reduce-scattered in fp32 (a sum over ranks of
+    bf16 terms loses bits), and the sharded master weights and the optimizer's moments stay fp32. Autocast
+    still computes in fp32 what it always does (softmax, norms, and the losses, which upcast: invariant 13)."""
+    if runtime.device.type != "cuda" or runtime.dtype != torch.bfloat16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -9,10 +9,15 @@ The reference log-probabilities are computed once, before training, and kept bes
 reference model is then freed. Rankings are split into their C(K,2) pairs. Logged per step (and on the
 held-out pairs at each evaluation): rewards/chosen, rewards/rejected (mean implicit rewards),
 rewards/accuracy (share of pairs with r(y_w) > r(y_l), ties half) and rewards/margins (mean r(y_w) - r(y_l)).
+
+With --lora-rank the policy trains adapters over the frozen SFT weights, and the reference is the policy with
+its adapters off: no second model is loaded. Otherwise the reference is a copy of the SFT model, held in bf16
+when the run computes in bf16 on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -21,16 +26,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import train
+from . import finetune, train
 from .batching import IGNORE, EpochSampler, pad_labelled
 from .chat import render_prompt, render_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import ended_flags, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows, shard_model
 from .errors import UserError
+from .lora import LoRAConfig, adapters_off
 from .losses import dpo_loss, sequence_logprobs
 from .model import set_dropout
 from .recipe import to_dict, write_args
+from .resume import check_resume, run_fingerprint
 from .tokenizer import Tokenizer
 from .train import TrainConfig
 
@@ -171,8 +178,9 @@ class Run:
     trn: list[dict]  # training pairs, with their reference log-probabilities once scored
     val: list[dict]  # held-out pairs
     every: int  # held-out metrics every this many steps
-    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
-    ref: nn.Module | None = None  # the reference, only while pairs are scored
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`resume.check_resume`)
+    lora: LoRAConfig | None  # the policy's adapters (the reference: adapters off); None: every weight trains
+    ref: nn.Module | None = None  # a reference copy of INIT (full fine-tuning), only while pairs are scored
 
 
 def load(args: DPOArgs) -> Run:
@@ -193,6 +201,7 @@ def load(args: DPOArgs) -> Run:
                   warmup_steps=WARMUP_STEPS if given.warmup_steps is None else given.warmup_steps)
     runtime = train.setup(cfg)
     model = load_model(args.init, kind="gpt", device=runtime.device)
+    lora = finetune.prepare(model, cfg)  # LoRA adapters and activation checkpointing, as the flags say
     L = min(args.max_length or model.config.block_size, model.config.block_size)
     trn, val = to_pairs(tok, trn_c, L), to_pairs(tok, val_c, L)
     if not trn:
@@ -200,7 +209,7 @@ def load(args: DPOArgs) -> Run:
     _, total_steps = train.epoch_schedule(len(trn), args.epochs, given.max_steps, cfg, runtime)
     cfg.checkpoint_interval = cfg.checkpoint_interval or total_steps
     every = cfg.eval_interval or max(1, total_steps // 5)
-    return Run(cfg, runtime, tok, model, trn, val, every, train.run_fingerprint(args, runtime, total_steps))
+    return Run(cfg, runtime, tok, model, trn, val, every, run_fingerprint(args, runtime, total_steps), lora)
 
 
 def score_reference(args: DPOArgs, run: Run) -> None:
@@ -216,13 +225,18 @@ def score_reference(args: DPOArgs, run: Run) -> None:
 
 def score_pairs(args: DPOArgs, run: Run, pairs: list[dict]) -> None:
     """Reference log-probabilities of `pairs` (the same list on every rank: under FSDP the sharded forward runs
-    in step on all of them); the reference is loaded if it is not (and kept in run.ref)."""
-    if run.ref is None:
-        run.ref = load_model(args.init, kind="gpt", device=run.runtime.device).requires_grad_(False)
+    in step on all of them). The reference is run.ref when it is loaded; else, with LoRA, the policy with its
+    adapters off (its train/eval mode restored after); else a frozen copy of INIT, loaded (and kept in run.ref)."""
+    if run.ref is None and run.lora is None:
+        run.ref = finetune.frozen(load_model(args.init, kind="gpt", device=run.runtime.device), run.runtime)
         if run.runtime.fsdp:
             shard_model(run.ref, run.runtime)
-    with run.runtime.autocast():
-        reference_logprobs(run.ref, pairs, run.tok.pad_id, run.runtime.device)
+    ref = run.ref if run.ref is not None else run.model
+    as_init = adapters_off(ref) if ref is run.model else contextlib.nullcontext()  # the policy computes INIT alone
+    was = ref.training
+    with as_init, run.runtime.autocast():
+        reference_logprobs(ref, pairs, run.tok.pad_id, run.runtime.device)
+    ref.train(was)
 
 
 @dataclass
@@ -245,10 +259,10 @@ def start(args: DPOArgs, run: Run) -> Loop:
     fwd = prepare_model(run.model, run.runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(run.model, run.cfg, run.runtime)
     sampler = EpochSampler(len(run.trn), run.cfg.seed)
-    ckpt = Checkpointer(args.out, keep_last=run.cfg.keep_last)
+    ckpt = Checkpointer(args.out, keep_last=run.cfg.keep_last, weights=finetune.checkpoint_weights(run.lora))
     step, before = 0, None
     if run.cfg.resume and (latest := ckpt.latest()) is not None:
-        train.check_resume(ckpt.state_of(latest), run.fingerprint, latest)
+        check_resume(ckpt.state_of(latest), run.fingerprint, latest)
         state = ckpt.load(latest, {"model": run.model}, {"optimizer": optimizer})
         step, before = state["step"], state.get("before")
         sampler.restore(state["sampler"])
@@ -257,6 +271,7 @@ def start(args: DPOArgs, run: Run) -> Loop:
     args.out.mkdir(parents=True, exist_ok=True)
     if run.runtime.is_main:
         write_args(args.out, args)
+        print(f"dpo: {finetune.describe(run.model, run.lora)}")
     log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=run.runtime.is_main,
                            report_to=run.cfg.report_to, stage="dpo", config=to_dict(args))
     return Loop(fwd, optimizer, sampler, ckpt, log, step, before)
@@ -312,7 +327,10 @@ def finish(args: DPOArgs, run: Run, loop: Loop, after: dict | None, t0: float) -
     """Export the policy and write done.json (last); returns the summary."""
     if run.val and after is None:  # a resumed run that had already finished its steps
         after = evaluate(run.model, run.val, run.tok.pad_id, args.beta, run.runtime.device)
-    loop.ckpt.export(run.model, extra={"stage": "dpo", "beta": args.beta})
+    loop.ckpt.export(run.model, extra={"stage": "dpo", "beta": args.beta,
+                                       **finetune.lora_record(run.lora, args.init, run.fingerprint["--init"])})
+    finetune.write_adapter(run.model, run.lora, args.init, args.out,
+                           log=lambda m: print(m) if run.runtime.is_main else None)
     before = loop.before
     summary = {"stage": "dpo", "steps": loop.step, "pairs": len(run.trn), "val_pairs": len(run.val),
                "beta": args.beta,

@@ -6,11 +6,16 @@ biases, Qwen3* with qk_norm). The vocabulary is unpadded to `vocab_size`.
 A model with the built-in chat format gets it as a Jinja template with `{% generation %}` markers
 (`chat.BUILTIN_TEMPLATE`), so other tools can mask the assistant's tokens; an imported model keeps its own
 tokenizer files and template.
+
+A stage trained with LoRA exports as its merged model (the default), or with `--adapter` as what PEFT users
+load: the base model it was trained over (the stage's --init) and, in OUT/adapter/, the adapter in PEFT's
+format (`export_adapter`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,32 +23,18 @@ import torch
 import torch.nn as nn
 
 from .chat import BUILTIN_TEMPLATE
-from .checkpoint import atomic_write, load_model
+from .checkpoint import CONFIG, WEIGHTS, atomic_write, load_model, read_config
 from .errors import UserError
+from .finetune import ADAPTER
 from .hf import HF_CONFIG, HF_WEIGHTS, SCORE_BIAS_KEY, TOKENIZER
+from .hf_arch import hf_family
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .model import GPT, ModelConfig, ScalarModel
+from .resume import file_digest
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # Export
-
-
-def hf_family(cfg: ModelConfig) -> str:
-    """"gpt2", "llama" or "qwen2": the HF architecture that computes exactly what this config does."""
-    attn_bias = cfg.bias if cfg.attention_bias is None else cfg.attention_bias
-    if cfg.arch != "gpt":
-        raise UserError("only decoder-only models can be exported to Hugging Face (not seq2seq)")
-    gpt2 = (cfg.position, cfg.norm, cfg.mlp, cfg.bias, attn_bias) == ("learned", "layernorm", "gelu", True, True)
-    if gpt2 and cfg.head_dim * cfg.n_head == cfg.n_embd and not cfg.qk_norm:
-        if cfg.kv_heads != cfg.n_head:
-            raise UserError("GPT-2 has no grouped-query attention: cannot export n_kv_head < n_head")
-        return "gpt2"
-    if (cfg.position, cfg.norm, cfg.mlp, cfg.bias) == ("rope", "rmsnorm", "swiglu", False) and not (
-            cfg.qk_norm and attn_bias):  # Qwen3's attention_bias would also put a bias on o_proj
-        return "qwen3" if cfg.qk_norm else "qwen2" if attn_bias else "llama"
-    raise UserError(f"no Hugging Face architecture matches position={cfg.position}, norm={cfg.norm}, mlp={cfg.mlp}, "
-                    f"bias={cfg.bias}, attention_bias={cfg.attention_bias}, qk_norm={cfg.qk_norm}, head_size="
-                    f"{cfg.head_size}: export supports GPT-2 style (learned, layernorm, gelu, biases) and Llama style")
 
 
 def hf_config(cfg: ModelConfig, kind: str, tok: Tokenizer | None, score_bias: float = 0.0) -> dict:
@@ -197,7 +188,39 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, log: Callable[[str], N
     return out_dir
 
 
-def export_command(src: Path, out: Path) -> None:
+def export_adapter(src: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """A stage folder trained with --lora-rank -> OUT: the Hugging Face export of the base model it was trained
+    over (its --init, which SRC/config.json records with the digest of its files), and OUT/adapter/: the stage's
+    adapter in PEFT's format, naming OUT as its base. Then `peft.PeftModel.from_pretrained(
+    AutoModelForCausalLM.from_pretrained(OUT), OUT / "adapter")` computes what SRC/model.safetensors (the merged
+    model) computes. A base whose files changed since the training is refused: the adapter would not fit it."""
+    src, out = Path(src), Path(out)
+    record = read_config(src).get("lora")
+    if record is None:
+        raise UserError(f"--adapter: {src} was not trained with LoRA (its {CONFIG} has no 'lora' entry); export its "
+                        "model without --adapter")
+    adapter = src / ADAPTER
+    if not ((adapter / ADAPTER_CONFIG).is_file() and (adapter / ADAPTER_WEIGHTS).is_file()):
+        raise UserError(f"--adapter: {src} has no {ADAPTER}/ with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (only "
+                        "language models of GPT-2 or Llama style get one); export its merged model without --adapter")
+    base = Path(record["base"])
+    if not base.is_dir():
+        raise UserError(f"--adapter: {base}, the base model {src} was trained over (its --init), is not there any "
+                        "more; export the merged model without --adapter")
+    for name in (WEIGHTS, CONFIG):
+        recorded = (record.get("base_files") or {}).get(name)
+        if recorded is not None and (not (base / name).is_file() or file_digest(base / name) != recorded):
+            raise UserError(f"--adapter: {base / name} changed since {src} was trained over it, so the adapter "
+                            "would not give the stage's model; export the merged model without --adapter")
+    export_hf(base, out, log)
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(out.resolve())
+    atomic_write(out / ADAPTER / ADAPTER_WEIGHTS, lambda tmp: shutil.copyfile(adapter / ADAPTER_WEIGHTS, tmp))
+    atomic_write(out / ADAPTER / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def export_command(src: Path, out: Path, adapter: bool = False) -> None:
     """Export our checkpoint (language or reward model) as a Hugging Face model folder.
 
     GPT-2 style models become GPT2LMHeadModel / GPT2ForSequenceClassification, Llama style ones
@@ -207,9 +230,17 @@ def export_command(src: Path, out: Path) -> None:
     Args:
         src: our checkpoint folder (model.safetensors + config.json, and tokenizer.json).
         out: the folder to write (config.json, model.safetensors, tokenizer files).
+        adapter: for a stage trained with --lora-rank: export the base model it was trained over (its --init) to
+            OUT and its adapter in PEFT's format to OUT/adapter/, instead of the merged model; peft's
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter) is then the
+            stage's model.
     """
+    if adapter:
+        export_adapter(src, out)
+        print(f"exported the base of {src} -> {out}, its adapter -> {out / ADAPTER}")
+        return
     export_hf(src, out)
     print(f"exported {src} -> {out}")
 
 
-__all__ = ["export_command", "export_hf", "hf_config", "hf_tensors"]
+__all__ = ["export_adapter", "export_command", "export_hf", "hf_config", "hf_tensors"]

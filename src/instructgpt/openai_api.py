@@ -9,6 +9,8 @@
   answer; 401 for a missing or wrong API key; 413 for a body over the size limit; 415 for a body that is
   not JSON; 503 with Retry-After when the queue is full.
 - Log-probabilities in the chat and the legacy completions format.
+- A request's sampling parameters, checked against the model's context, and its reply (one JSON body or
+  SSE chunks) assembled from the `Delta`s the server's batcher sends for each choice.
 - `Guard`, an ASGI middleware: Host allow-list (against DNS rebinding of a server on localhost), the
   API key on /v1, JSON bodies only on /v1, a body size limit, and a last-resort 500 in OpenAI's shape.
 """
@@ -22,7 +24,8 @@ import ipaddress
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -30,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .generate import SamplingParams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("instructgpt.serve")
@@ -245,7 +249,46 @@ async def unless_gone(request: Request, work: Awaitable, on_gone: Callable[[], o
     return task.result()
 
 
+def sampling_params(req: SamplingRequest, prompt_len: int, context: int, fits: Callable[[int, int], bool],
+                    seq2seq: bool) -> SamplingParams:
+    """Sampling parameters of a request, with its limits checked against the model's context
+    (`fits(prompt_len, max_new)` says whether a prompt and its token budget fit)."""
+    if not fits(prompt_len, 1):
+        raise APIError(f"This model's maximum context length is {context} tokens; the prompt is {prompt_len} "
+                       f"tokens, which leaves no room for a reply. Please shorten the prompt.",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    max_tokens = requested_tokens(req)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = context - 1 if seq2seq else context - prompt_len
+    elif max_tokens < 1:
+        raise APIError(f"{param} must be at least 1, got {max_tokens}", param=param)
+    elif not fits(prompt_len, max_tokens):
+        raise APIError(f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                       f"completion). Please reduce the prompt or the completion length.",
+                       param=param, code="context_length_exceeded")
+    temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
+    # A top_p below float32's resolution would drop every token (the engine compares in float32); any
+    # top_p this small keeps the most likely token only, as the floor does.
+    top_p = max(req.top_p, GREEDY_BELOW)
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=top_p,
+                          seed=req.seed)
+
+
 # -- replies ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Delta:
+    """New text of one choice; `finish_reason` set on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    tokens: int  # tokens generated so far for this choice
+    logprobs: list[tuple[int, float, int]] | None = None  # (token, log-probability, text offset) since the last
 
 
 def sse(obj) -> str:
@@ -442,3 +485,57 @@ class Guard:
             if started:
                 raise  # a response is under way: the server can only close the connection
             await _send_error(send, APIError(f"internal error: {type(e).__name__}", status=500, type="server_error"))
+
+
+def reply_logprobs(tok: Tokenizer, chat: bool, entries: Sequence[tuple[int, float, int]]) -> dict:
+    """(token, log-probability, text offset) entries in the chat or the legacy completions format."""
+    pairs = [(t, x) for t, x, _ in entries]
+    return chat_logprobs(tok, pairs) if chat else completion_logprobs(tok, pairs, [o for _, _, o in entries])
+
+
+async def reply_json(choices: list[AsyncIterator[Delta]], n: int, chat: bool, meta: dict, usage_prompt: int,
+                     lp: Callable[[list], dict | None]) -> dict:
+    """One JSON reply from the Deltas of each prompt's n choices (`lp` formats log-probabilities)."""
+    texts: dict[int, list[str]] = {}
+    entries: dict[int, list] = {}
+    finals: dict[int, Delta] = {}
+    for j, deltas in enumerate(choices):
+        async for d in deltas:
+            k = j * n + d.index
+            texts.setdefault(k, []).append(d.text)
+            entries.setdefault(k, []).extend(d.logprobs or [])
+            if d.finish_reason is not None:
+                finals[k] = d
+    out = [choice(chat, k, "".join(texts.get(k, [])), finals[k].finish_reason, lp(entries.get(k, [])))
+           for k in sorted(finals)]
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
+            "usage": usage(usage_prompt, sum(d.tokens for d in finals.values()))}
+
+
+async def reply_sse(choices: list[AsyncIterator[Delta]], n: int, chat: bool, meta: dict, usage_prompt: int,
+                    include_usage: bool, lp: Callable[[list], dict | None]) -> AsyncIterator[str]:
+    """SSE events of a streamed reply, ending with [DONE]; an error after the headers is reported in the
+    stream, as OpenAI does."""
+    completion_tokens = 0
+    try:
+        if chat:
+            for k in range(len(choices) * n):
+                yield sse(chunk(meta, chat, k, None, None, first=True))
+        # Each prompt's choices in turn: a later prompt's deltas wait in its queue meanwhile.
+        for j, deltas in enumerate(choices):
+            async for d in deltas:
+                k = j * n + d.index
+                if d.text or d.logprobs:
+                    yield sse(chunk(meta, chat, k, d.text, None, lp(d.logprobs) if d.logprobs else None))
+                if d.finish_reason is not None:
+                    completion_tokens += d.tokens
+                    yield sse(chunk(meta, chat, k, None, d.finish_reason))
+        if include_usage:
+            yield sse({**chunk(meta, chat, 0, None, None), "choices": [],
+                       "usage": usage(usage_prompt, completion_tokens)})
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    except Exception as e:  # never a broken stream without a word
+        log.exception("error while streaming")
+        yield sse(error_body(f"internal error: {type(e).__name__}", "server_error"))

@@ -41,20 +41,20 @@ from .checkpoint import DONE, Checkpointer, check_out, load_model, read_done, wr
 from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
 from .losses import seq2seq_loss_sum, token_cross_entropy
+from .memory import set_activation_checkpointing
 from .model import PRESETS, ModelConfig, build_model
 from .prepare import load_shards, read_meta
 from .recipe import to_dict, write_args
+from .resume import check_resume, run_fingerprint
 from .train import (
     FiniteGuard,
     MetricsLog,
     Progress,
     Timer,
     TrainConfig,
-    check_resume,
     config_dict,
     make_optimizer,
     mfu,
-    run_fingerprint,
     setup,
     train_step,
     training_flops_per_token,
@@ -308,6 +308,9 @@ def check_args(args: PretrainArgs) -> _Inputs:
     if args.samples < 0:
         raise UserError(f"--samples must be >= 0, got {args.samples}")
     cfg.validate()
+    if cfg.lora_rank:
+        raise UserError(f"--lora-rank {cfg.lora_rank}: pretraining trains every weight of a fresh model; LoRA is for "
+                        "the stages that fine-tune a checkpoint")
     read_meta(data)
 
     meta, train_shards, val_shards = load_shards(data)
@@ -376,6 +379,8 @@ def set_up(args: PretrainArgs, inputs: _Inputs, clock: _Clock) -> _Run:
         print(f"warning: {args.data} has no validation window of {inputs.objective.window} tokens: no val loss "
               "will be reported", flush=True)
     raw = build_model(inputs.model_cfg).to(runtime.device)
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(raw, True)  # before prepare_model: compile sees the checkpointed blocks
     model = prepare_model(raw, runtime)  # DDP or FSDP; `raw` (sharded in place under FSDP) for checkpoints
     optimizer = make_optimizer(raw, cfg, runtime)
     # the recipe, without how this process was started (--resume, --report-to): the same in the checkpoints

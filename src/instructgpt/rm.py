@@ -15,6 +15,10 @@ After training, the score head's bias is shifted so that the labeler demonstrati
 
 A reply that never ended (a sample cut at max_new_tokens, flagged by `"ended": false` in the rankings
 that `collect` writes) is encoded without the end token, as PPO scores such a rollout.
+
+With --lora-rank the trunk trains LoRA adapters over the frozen SFT weights and the scalar head trains in full;
+the exported model is merged (a plain reward model), and there is no OUT/adapter/: PEFT's adapter would not
+hold the head.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import train
+from . import finetune, train
 from .batching import EpochSampler, pad
 from .chat import render_prompt, render_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import Comparison, ended_flags, read_examples, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows
 from .errors import UserError
+from .lora import LoRAConfig
 from .losses import ranking_loss, rewards_of
 from .model import ScalarModel
 from .recipe import to_dict, write_args
+from .resume import check_resume, run_fingerprint
 from .tokenizer import Tokenizer
 from .train import TrainConfig
 
@@ -155,6 +161,8 @@ def normalise_bias(rm: ScalarModel, tok: Tokenizer, prompts: list[list[dict]], r
         raise train.DivergedError(f"the reward model's mean score on the {len(replies)} responses it is centred on "
                                   f"is {mean}: training diverged (lower --lr, or check the data)")
     with torch.no_grad():
+        if hasattr(rm, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: shift the shards
+            rm.reshard()
         rm.score_head.bias -= mean
     return mean
 
@@ -266,7 +274,8 @@ class RMRun:
     total_steps: int
     eval_every: int
     checkpoint_every: int
-    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`resume.check_resume`)
+    lora: LoRAConfig | None  # the trunk's adapters (the head trains in full); None: every weight trains
 
 
 def set_up(args: RMArgs, data: RMData) -> RMRun:
@@ -281,27 +290,29 @@ def set_up(args: RMArgs, data: RMData) -> RMRun:
     val = encode_comparisons(data.tok, data.val_comps, L)
     _, total_steps = train.epoch_schedule(len(trn), args.epochs, args.train.max_steps, cfg, runtime)
 
+    lora = finetune.prepare(model, cfg, trainable=("score_head",))  # LoRA and activation checkpointing, per flags
     fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, cfg, runtime)
     sampler = EpochSampler(len(trn), cfg.seed)
-    ckpt = Checkpointer(args.out, keep_last=cfg.keep_last)
+    ckpt = Checkpointer(args.out, keep_last=cfg.keep_last, weights=finetune.checkpoint_weights(lora))
     if ckpt.latest() is not None and not cfg.resume:
         raise UserError(f"{args.out} holds checkpoints of an unfinished reward-model run; pass --resume to continue "
                         "it, or choose another --out")
-    step, fp = 0, train.run_fingerprint(args, runtime, total_steps)
+    step, fp = 0, run_fingerprint(args, runtime, total_steps)
     if cfg.resume and (latest := ckpt.latest()) is not None:
-        train.check_resume(ckpt.state_of(latest), fp, latest)
+        check_resume(ckpt.state_of(latest), fp, latest)
         state = ckpt.load(latest, {"model": model}, {"optimizer": optimizer})
         step = state["step"]
         sampler.restore(state["sampler"])
     args.out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
         write_args(args.out, args)
+        print(f"rm: {finetune.describe(model, lora)}")
     log = train.MetricsLog(args.out / "metrics.jsonl", resume_step=step, enabled=runtime.is_main,
                            report_to=cfg.report_to, stage="rm", config=to_dict(args))
     return RMRun(cfg, runtime, model, fwd, optimizer, sampler, ckpt, log, trn, val, step, total_steps,
                  eval_every=cfg.eval_interval or max(1, total_steps // 5),
-                 checkpoint_every=cfg.checkpoint_interval or total_steps, fingerprint=fp)
+                 checkpoint_every=cfg.checkpoint_interval or total_steps, fingerprint=fp, lora=lora)
 
 
 def train_loop(args: RMArgs, data: RMData, run: RMRun) -> None:
@@ -348,7 +359,8 @@ def finish(args: RMArgs, data: RMData, run: RMRun, t0: float) -> dict:
     model, val = run.model, run.val
     shift = normalise_bias(model, data.tok, data.norm_prompts, data.norm_replies)
     acc = pairwise_accuracy(model, data.tok, val) if val else None
-    run.ckpt.export(model, extra={"stage": "rm", "bias_shift": shift, "normalised_on": data.norm_source})
+    run.ckpt.export(model, extra={"stage": "rm", "bias_shift": shift, "normalised_on": data.norm_source,
+                                  **finetune.lora_record(run.lora, args.init, run.fingerprint["--init"])})
     summary = {"stage": "rm", "steps": run.step, "train_prompts": len(run.trn), "val_prompts": len(val),
                "train_pairs": sum(len(c.pairs) for c in run.trn),
                "val_accuracy": acc["accuracy"] if acc else None, "val_loss": acc["loss"] if acc else None,

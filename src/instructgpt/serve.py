@@ -8,14 +8,15 @@
     GET  /docs, /openapi.json   FastAPI's schema
 
 Batching. Handlers do not touch the model: they validate a request, turn it into prompt ids (on a
-worker thread, after a length check that needs no tokenizer) and put a `Job` on an asyncio queue. One
-batcher task takes the first job, gathers whatever else arrives within `batch_wait_ms` (or until
-`max_batch_size` rows), groups the jobs by sampling parameters and runs ONE `generate.stream` call per
-group on a single worker thread. Prompts of different lengths share the batch (the engine pads them on
-the left); every row has its own token limit and stop strings, checked as the tokens come, and the call
-ends when every row is done. Grouping keeps results independent of batch-mates: greedy requests
-(temperature 0) form one group whatever their other settings; sampled requests group by (temperature,
-top_p, top_k); a request with a `seed` runs on its own, so that the seed alone decides its samples.
+worker thread, after a length check that needs no tokenizer) and submit one `Job` per prompt (its `n`
+choices) to a single model thread. With the continuous engine (the default) that thread steps one
+`engine.Engine` while any row runs: a job is prefilled between two decode steps as soon as slots free
+up, streams from its first token, and its n choices share the prompt's prefill. Every row has its own
+sampling parameters, token limit and stop strings; a seeded job draws from its own generator, so the
+seed alone decides its samples. With `engine="static"` (kept for comparison) the batcher gathers what
+arrives within `batch_wait_ms`, groups it by sampling parameters (greedy together; sampled by
+temperature, top_p and top_k; seeded alone) and runs one `generate.stream` call per group until its
+last row ends; later jobs wait for it.
 
 Limits, so that no client can hold the model thread or the event loop: body size, prompt length before
 tokenizing, capped stop strings (matched in time linear in the new text), queued rows (503 beyond), and
@@ -30,12 +31,14 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -45,35 +48,32 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import engine as engine_lib
 from .chat import TextStream, render_prompt
 from .errors import UserError
 from .generate import SamplingParams, stream
 from .model import Seq2Seq
 from .openai_api import (
-    GREEDY_BELOW,
     LOOPBACK_NAMES,
     MAX_LIST,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    Delta,
     Guard,
     SamplingRequest,
-    chat_logprobs,
     check_length,
     check_request,
-    choice,
-    chunk,
-    completion_logprobs,
-    error_body,
     error_response,
     is_loopback,
     log,
     max_prompt_chars,
-    requested_tokens,
-    sse,
+    reply_json,
+    reply_logprobs,
+    reply_sse,
+    sampling_params,
     stop_list,
     unless_gone,
-    usage,
     validation_error,
 )
 from .tokenizer import Tokenizer
@@ -82,8 +82,10 @@ from .tokenizer import Tokenizer
 @dataclass
 class ServerConfig:
     model_name: str = "instructgpt"  # the id /v1/models reports (serve uses the folder's name)
-    max_batch_size: int = 32  # most rows (requests x n) in one engine call
-    batch_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first one
+    max_batch_size: int = 32  # most rows (requests x n) decoding at once
+    engine: Literal["continuous", "static"] = "continuous"  # see the module's docstring; static: for comparison
+    compile: bool = False  # continuous engine: torch.compile the decode step (the first request waits for it)
+    batch_wait_ms: float = 5.0  # static engine: how long the batcher waits for more requests after the first
     max_messages: int = 64  # longest conversation a chat request may send
     max_n: int = 8  # most choices per request
     max_stop: int = 4  # most stop strings per request (OpenAI's limit)
@@ -100,17 +102,6 @@ class ServerConfig:
 # -- the batcher ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Delta:
-    """New text of one choice; `finish_reason` set on its last delta."""
-
-    index: int
-    text: str
-    finish_reason: str | None
-    tokens: int  # tokens generated so far for this choice
-    logprobs: list[tuple[int, float, int]] | None = None  # (token, log-probability, text offset) since the last
-
-
 @dataclass(eq=False)
 class Job:
     """One request's rows: `n` continuations of one prompt. Events go to `events` from the worker
@@ -124,6 +115,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client went away; its rows stop counting
     logprobs: bool = False  # the client wants each token's log-probability
+    open_rows: int = 0  # choices not yet finished (model thread)
+    request: engine_lib.Request | None = None  # the continuous engine's handle of this job
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -135,29 +128,56 @@ class Job:
             yield event
 
 
-def group_key(job: Job) -> tuple:
-    p = job.params
-    if p.temperature == 0:
-        return ("greedy",)
-    if p.seed is not None:
-        return ("seeded", id(job))
-    return ("sampled", p.temperature, p.top_p, p.top_k)
+class Row:
+    """One choice of a job on the model thread: its tokens become text deltas (stop strings held back),
+    with their log-probabilities when asked, until the end token, a stop string or the token limit."""
+
+    def __init__(self, job: Job, index: int, tok: Tokenizer):
+        self.job, self.index, self.tok = job, index, tok
+        self.text = TextStream(tok, job.stop)
+        self.logprobs: list | None = [] if job.logprobs else None  # since the last delta
+        self.done = False
+
+    def push(self, token: int, logprob: float) -> bool:
+        """Feed one token; True once the choice has finished."""
+        if self.logprobs is not None and token not in self.tok.stop_ids:
+            self.logprobs.append((token, logprob, self.text.length))
+        delta, reason = self.text.push(token)
+        if reason is None and self.text.n_tokens >= self.job.params.max_new_tokens:
+            delta, reason = delta + self.text.finish_length(), "length"
+        if reason is not None or delta:
+            self.emit(delta, reason)
+        return self.done
+
+    def emit(self, delta: str, reason: str | None) -> None:
+        self.job.emit(Delta(self.index, delta, reason, self.text.n_tokens, self.logprobs))
+        if self.logprobs is not None:
+            self.logprobs = []
+        if reason is not None:
+            self.done = True
+            self.job.open_rows -= 1
+            if self.job.open_rows == 0:
+                self.job.emit(None)
 
 
 class Batcher:
-    """Gathers jobs from many requests and runs them through the engine, one call per batch."""
+    """Hands jobs from many requests to the model thread: a continuous engine, or one static batch per
+    engine call (see the module's docstring)."""
 
     def __init__(self, model: torch.nn.Module, tok: Tokenizer, config: ServerConfig):
         self.model, self.tok, self.config = model, tok, config
         self.context = model.config.block_size
         self.seq2seq = isinstance(model, Seq2Seq)
-        self.model_calls = 0  # engine calls made (each one batch)
+        self.model_calls = 0  # engine calls made: static batches, or continuous runs (from idle to idle)
         self.jobs_done = 0  # jobs that went through the engine
         self.rows_done = 0
         self.queue: asyncio.Queue[Job] | None = None
         self.live: set[Job] = set()  # submitted and not yet through the engine
         self.last_step: float | None = None  # time.monotonic() of the engine's last step
         self.busy_since = time.monotonic()  # when rows last started waiting on an idle server
+        self.engine: engine_lib.Engine | None = None
+        self.inbox: deque[Job] = deque()  # jobs for the continuous engine, taken by the model thread
+        self.rows: dict[Job, list[Row]] = {}  # jobs in the continuous engine (model thread only)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instructgpt-model")
         self._task: asyncio.Task | None = None
         self._running: Future | None = None  # the engine call in progress
@@ -167,6 +187,11 @@ class Batcher:
         if self.seq2seq:
             return prompt_len <= self.context and max_new + 1 <= self.context
         return prompt_len + max_new <= self.context
+
+    @property
+    def steps(self) -> int:
+        """Decode steps the continuous engine took (0 for the static one)."""
+        return self.engine.steps if self.engine is not None else 0
 
     @property
     def alive(self) -> bool:
@@ -183,6 +208,11 @@ class Batcher:
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
+        if self.config.engine == "continuous":
+            # A compiled step has fixed shapes: its cache starts at full length rather than grow (and recompile).
+            self.engine = engine_lib.Engine(self.model, self.tok.stop_ids, self.tok.pad_id, self.config.max_batch_size,
+                                            cache_len=self.context if self.config.compile else 256,
+                                            start_id=self.tok.bos_id, compile=self.config.compile)
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -218,12 +248,17 @@ class Batcher:
         jobs = [Job(p, sp, n, stop, loop, logprobs=logprobs) for p, sp in zip(prompts, params)]
         for job in jobs:
             self.live.add(job)
+            if self.engine is not None:
+                self.inbox.append(job)  # before the wake-up below, so that no run can miss it
             self.queue.put_nowait(job)
         return jobs
 
     async def _loop(self) -> None:
         try:
-            await self._gather_and_run()
+            if self.engine is not None:
+                await self._wake_and_run()
+            else:
+                await self._gather_and_run()
         except Exception as e:  # a bug here must not leave clients waiting: answer them; /health turns 503
             log.exception("the model loop stopped")
             for job in self.live:
@@ -231,6 +266,76 @@ class Batcher:
                     job.emit(APIError(f"the model loop stopped: {type(e).__name__}: {e}", status=500,
                                       type="server_error"))
             raise
+
+    # -- the continuous engine ----------------------------------------------------------------------
+
+    async def _wake_and_run(self) -> None:
+        """Start a run of the model thread when a job arrives at an idle engine. Jobs that arrive during
+        a run are taken by that run (the inbox); their wake-ups then start a run that finds nothing."""
+        while True:
+            await self.queue.get()
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self._running = self._executor.submit(self.run_engine)
+            await asyncio.wrap_future(self._running)
+
+    def run_engine(self) -> None:
+        """Step the engine until no row runs and no job waits (on the model thread)."""
+        self.model_calls += 1
+        self.last_step = time.monotonic()
+        while True:
+            while self.inbox:
+                self.admit(self.inbox.popleft())
+            for job in [job for job in self.rows if job.cancelled]:
+                self.engine.cancel(job.request)
+                self.finish(job)
+            if not self.engine.busy:
+                if not self.inbox:
+                    return
+                continue
+            try:
+                tokens = self.engine.step()
+            except Exception as e:  # a failed step answers its requests with a 500; the server goes on
+                for job in list(self.rows):
+                    if not job.cancelled:
+                        job.emit(APIError(f"generation failed: {type(e).__name__}: {e}", status=500,
+                                          type="server_error"))
+                    self.finish(job)
+                self.engine.clear()
+                continue
+            self.last_step = time.monotonic()
+            for t in tokens:
+                job = t.request.tag
+                if job.cancelled or job not in self.rows:
+                    continue
+                if self.rows[job][t.index].push(t.token, t.logprob) and not t.done:
+                    self.engine.cancel(t.request, t.index)  # a stop string: free the slot now
+                if job.open_rows == 0:
+                    self.finish(job)
+
+    def admit(self, job: Job) -> None:
+        """Hand a job to the engine (model thread)."""
+        if job.cancelled:
+            self.finish(job)
+            return
+        job.request = engine_lib.Request(job.prompt, job.params, job.n, tag=job)
+        job.open_rows = job.n
+        try:
+            self.engine.submit(job.request)
+        except ValueError as e:  # what the handlers' checks let through (a config with max_n > max_batch_size)
+            job.emit(APIError(str(e)))
+            self.finish(job)
+            return
+        self.rows[job] = [Row(job, i, self.tok) for i in range(job.n)]
+
+    def finish(self, job: Job) -> None:
+        """A job is through the engine (model thread)."""
+        self.rows.pop(job, None)
+        self.jobs_done += 1
+        self.rows_done += job.n
+        job.loop.call_soon_threadsafe(self.live.discard, job)
+
+    # -- the static engine --------------------------------------------------------------------------
 
     async def _gather_and_run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -263,9 +368,11 @@ class Batcher:
         """Split gathered jobs into engine calls: one sampling group per call, each call within the
         batch size and the context (longest prompt + largest token budget), in arrival order."""
         groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            if not job.cancelled:
-                groups.setdefault(group_key(job), []).append(job)
+        for job in (job for job in jobs if not job.cancelled):
+            p = job.params
+            key = (("greedy",) if p.temperature == 0 else ("seeded", id(job)) if p.seed is not None
+                   else ("sampled", p.temperature, p.top_p, p.top_k))
+            groups.setdefault(key, []).append(job)
         batches = []
         for group in groups.values():
             batch, T, N, rows = [], 0, 0, 0
@@ -281,90 +388,36 @@ class Batcher:
 
     def run_batch(self, batch: list[Job]) -> None:
         """One engine call over every row of `batch` (runs on the worker thread)."""
-        open_rows = {job: job.n for job in batch}
+        rows = [Row(job, i, self.tok) for job in batch for i in range(job.n)]
+        for job in batch:
+            job.open_rows = job.n
+        params = replace(batch[0].params, max_new_tokens=max(job.params.max_new_tokens for job in batch))
+        want_lps = any(job.logprobs for job in batch)
+        self.model_calls += 1
+        self.last_step = time.monotonic()
         try:
-            self._generate(batch, open_rows)
+            for tokens, logprobs, _ in stream(self.model, [row.job.prompt for row in rows], params, self.tok.stop_ids,
+                                              self.tok.pad_id, start_id=self.tok.bos_id,
+                                              all_finished=lambda _: all(r.done or r.job.cancelled for r in rows)):
+                self.last_step = time.monotonic()
+                step_lps = logprobs.tolist() if want_lps else [0.0] * len(rows)
+                for row, token, lp in zip(rows, tokens.tolist(), step_lps):
+                    if not row.done and not row.job.cancelled:
+                        row.push(token, lp)
+            for row in rows:  # only if the engine stopped early: never leave a client waiting
+                if not row.done and not row.job.cancelled:
+                    row.emit(row.text.finish_length(), "length")
         except Exception as e:  # a failed call answers its requests with a 500; the server goes on
             for job in batch:
-                if open_rows[job] > 0 and not job.cancelled:
+                if job.open_rows > 0 and not job.cancelled:
                     job.emit(APIError(f"generation failed: {type(e).__name__}: {e}", status=500,
                                       type="server_error"))
         finally:
             self.jobs_done += len(batch)
             self.rows_done += sum(job.n for job in batch)
 
-    def _generate(self, batch: list[Job], open_rows: dict[Job, int]) -> None:
-        rows = [(job, i, TextStream(self.tok, job.stop)) for job in batch for i in range(job.n)]
-        lps: list[list | None] = [[] if job.logprobs else None for job, _, _ in rows]  # per row, since its last delta
-        done = [False] * len(rows)
-        params = replace(batch[0].params, max_new_tokens=max(job.params.max_new_tokens for job in batch))
-        prompts = [job.prompt for job, _, _ in rows]
-
-        def emit(r: int, delta: str, reason: str | None) -> None:
-            job, i, text = rows[r]
-            job.emit(Delta(i, delta, reason, text.n_tokens, lps[r]))
-            if lps[r] is not None:
-                lps[r] = []
-            if reason is not None:
-                done[r] = True
-                open_rows[job] -= 1
-                if open_rows[job] == 0:
-                    job.emit(None)
-
-        self.model_calls += 1
-        self.last_step = time.monotonic()
-        steps = stream(self.model, prompts, params, self.tok.stop_ids, self.tok.pad_id, start_id=self.tok.bos_id,
-                       all_finished=lambda _: all(done))
-        for tokens, logprobs, _ in steps:
-            self.last_step = time.monotonic()
-            step_lps = logprobs.tolist() if any(x is not None for x in lps) else None
-            for r, token in enumerate(tokens.tolist()):
-                job, i, text = rows[r]
-                if done[r]:
-                    continue
-                if job.cancelled:
-                    done[r] = True
-                    continue
-                if lps[r] is not None and token not in self.tok.stop_ids:
-                    lps[r].append((token, step_lps[r], text.length))
-                delta, reason = text.push(token)
-                if reason is None and text.n_tokens >= job.params.max_new_tokens:
-                    delta, reason = delta + text.finish_length(), "length"
-                if reason is not None or delta:
-                    emit(r, delta, reason)
-        for r in range(len(rows)):  # only if the engine stopped early: never leave a client waiting
-            if not done[r] and not rows[r][0].cancelled:
-                emit(r, rows[r][2].finish_length(), "length")
-
 
 # -- the app ----------------------------------------------------------------------------------------
-
-
-def _params(req: SamplingRequest, prompt_len: int, batcher: Batcher) -> SamplingParams:
-    """Sampling parameters of a request, with its limits checked against the model."""
-    ctx = batcher.context
-    if not batcher.fits(prompt_len, 1):
-        raise APIError(f"This model's maximum context length is {ctx} tokens; the prompt is {prompt_len} "
-                       f"tokens, which leaves no room for a reply. Please shorten the prompt.",
-                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                       code="context_length_exceeded")
-    max_tokens = requested_tokens(req)
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = ctx - 1 if batcher.seq2seq else ctx - prompt_len
-    elif max_tokens < 1:
-        raise APIError(f"{param} must be at least 1, got {max_tokens}", param=param)
-    elif not batcher.fits(prompt_len, max_tokens):
-        raise APIError(f"This model's maximum context length is {ctx} tokens. However, you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                       f"completion). Please reduce the prompt or the completion length.",
-                       param=param, code="context_length_exceeded")
-    temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
-    # A top_p below float32's resolution would drop every token (the engine compares in float32); any
-    # top_p this small keeps the most likely token only, as the floor does.
-    top_p = max(req.top_p, GREEDY_BELOW)
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=top_p,
-                          seed=req.seed)
 
 
 def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | None = None) -> FastAPI:
@@ -418,7 +471,7 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
         body = {"status": "ok" if healthy else "unhealthy", "model": config.model_name, "context": batcher.context,
                 "batcher_alive": alive, "queued_rows": batcher.pending_rows(), "last_step_age_s": age,
                 "stalled_s": round(stalled, 3), "requests": app.state.requests, "model_calls": batcher.model_calls,
-                "rows": batcher.rows_done}
+                "steps": batcher.steps, "rows": batcher.rows_done, "engine": config.engine}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/v1/models")
@@ -454,7 +507,7 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
         return await _answer(req, request, prompts, chat=False)
 
     async def _answer(req: SamplingRequest, request: Request, prompts: list[list[int]], chat: bool):
-        params = [_params(req, len(p), batcher) for p in prompts]
+        params = [sampling_params(req, len(p), batcher.context, batcher.fits, batcher.seq2seq) for p in prompts]
         logprobs = bool(req.logprobs) if chat else req.logprobs is not None
         stop = stop_list(req, config.max_stop, config.max_stop_chars, config.max_stop_total)
         jobs = batcher.submit(prompts, params, req.n, stop, logprobs)
@@ -463,68 +516,26 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
                 "model": config.model_name}
         usage_prompt = sum(len(p) for p in prompts)
 
-        def lp(entries: list) -> dict | None:
-            if not logprobs:
-                return None
-            pairs = [(t, x) for t, x, _ in entries]
-            return chat_logprobs(tok, pairs) if chat else completion_logprobs(tok, pairs, [o for _, _, o in entries])
-
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(jobs, req.n, chat, meta, usage_prompt, include_usage, lp),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-        async def collect() -> dict:
-            texts: dict[int, list[str]] = {}
-            entries: dict[int, list] = {}
-            finals: dict[int, Delta] = {}
-            for j, job in enumerate(jobs):
-                async for d in job.deltas():
-                    k = j * req.n + d.index
-                    texts.setdefault(k, []).append(d.text)
-                    entries.setdefault(k, []).extend(d.logprobs or [])
-                    if d.finish_reason is not None:
-                        finals[k] = d
-            choices = [choice(chat, k, "".join(texts.get(k, [])), finals[k].finish_reason, lp(entries.get(k, [])))
-                       for k in sorted(finals)]
-            return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                    "usage": usage(usage_prompt, sum(d.tokens for d in finals.values()))}
+        lp = partial(reply_logprobs, tok, chat) if logprobs else (lambda _: None)
+        choices = [job.deltas() for job in jobs]
 
         def cancel() -> None:
             for job in jobs:
                 job.cancelled = True
 
-        return await unless_gone(request, collect(), on_gone=cancel)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    async def _stream(jobs: list[Job], n: int, chat: bool, meta: dict, usage_prompt: int,
-                      include_usage: bool, lp) -> AsyncIterator[str]:
-        completion_tokens = 0
-        try:
-            if chat:
-                for k in range(len(jobs) * n):
-                    yield sse(chunk(meta, chat, k, None, None, first=True))
-            # Jobs of one request run in the same engine call, so reading them in order costs nothing.
-            for j, job in enumerate(jobs):
-                async for d in job.deltas():
-                    k = j * n + d.index
-                    if d.text or d.logprobs:
-                        yield sse(chunk(meta, chat, k, d.text, None, lp(d.logprobs) if d.logprobs else None))
-                    if d.finish_reason is not None:
-                        completion_tokens += d.tokens
-                        yield sse(chunk(meta, chat, k, None, d.finish_reason))
-            if include_usage:
-                yield sse({**chunk(meta, chat, 0, None, None), "choices": [],
-                           "usage": usage(usage_prompt, completion_tokens)})
-            yield "data: [DONE]\n\n"
-        except APIError as e:  # the headers are gone; report in the stream, as OpenAI does
-            yield sse(error_body(e.message, e.type, e.param, e.code))
-        except Exception as e:  # never a broken stream without a word
-            log.exception("error while streaming")
-            yield sse(error_body(f"internal error: {type(e).__name__}", "server_error"))
-        finally:  # a client that disconnects frees its rows at the next step
-            for job in jobs:
-                job.cancelled = True
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async for event in reply_sse(choices, req.n, chat, meta, usage_prompt, include_usage, lp):
+                        yield event
+                finally:  # a client that disconnects frees its rows at the next step
+                    cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await unless_gone(request, reply_json(choices, req.n, chat, meta, usage_prompt, lp), on_gone=cancel)
 
     return app
 
@@ -550,6 +561,8 @@ def serve_command(
     port: int = 8000,
     device: str = "auto",
     max_batch_size: int = 32,
+    engine: Literal["continuous", "static"] = "continuous",
+    compile: bool = False,
     batch_wait_ms: float = 5.0,
     max_messages: int = 64,
     max_n: int = 8,
@@ -565,8 +578,12 @@ def serve_command(
         host: address to bind; 127.0.0.1 keeps the server to this machine (0.0.0.0 opens it to the network).
         port: TCP port.
         device: auto, cpu or cuda[:N].
-        max_batch_size: most rows (requests x n) generated together in one engine call.
-        batch_wait_ms: how long to wait for more requests to batch with the first one.
+        max_batch_size: most rows (requests x n) decoding at once.
+        engine: continuous (a request joins the running batch at the next step) or static (one batch at a
+            time, each running until its longest row ends; for comparison).
+        compile: run the continuous engine's decode step through torch.compile (the first request waits
+            for the compilation; engine.DecodeBatch says what it measured).
+        batch_wait_ms: static engine: how long to wait for more requests to batch with the first one.
         max_messages: longest conversation a chat request may send.
         max_n: most choices per request.
         max_queued_rows: most rows waiting or generating; more requests get a 503 with Retry-After.
@@ -590,8 +607,8 @@ def serve_command(
     if not allowed_hosts:
         allowed_hosts = (*LOOPBACK_NAMES, host) if loopback else ("*",)
     folder = Path(model)
-    config = ServerConfig(model_name=name or folder.resolve().name, max_batch_size=max_batch_size,
-                          batch_wait_ms=batch_wait_ms, max_messages=max_messages, max_n=max_n,
+    config = ServerConfig(model_name=name or folder.resolve().name, max_batch_size=max_batch_size, engine=engine,
+                          compile=compile, batch_wait_ms=batch_wait_ms, max_messages=max_messages, max_n=max_n,
                           max_queued_rows=max_queued_rows, api_key=api_key, allowed_hosts=tuple(allowed_hosts))
     app = load_app(folder, device, config)
     if not loopback and api_key is None:

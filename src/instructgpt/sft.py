@@ -20,6 +20,7 @@ the stage (its arguments, the checks, set up, loop, choose and export).
 
     INIT/model.safetensors, config.json, tokenizer.json      (pretrain, import-hf, or an earlier SFT)
       -> OUT/model.safetensors, config.json, tokenizer.json  the SFT model (the next stages' --init/--policy)
+         OUT/adapter/                                        with --lora-rank: the adapter alone (PEFT's format)
          OUT/best/                                           the best checkpoint so far, with best.json
          OUT/checkpoints/step_NNNNNNN/                       resumable state (weights, optimizer, RNG, data)
          OUT/metrics.jsonl                                   loss, lr, val_loss, labeler_score, ...
@@ -40,17 +41,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import train
+from . import finetune, train
 from .batching import IGNORE, EpochSampler, PretrainWindows, pack_batch, pad, to_device
 from .chat import render, render_prompt, render_response, replies
 from .checkpoint import DONE, Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import Example, Prompt, read_examples, read_prompts
 from .distributed import Runtime, prepare_model, rank_rows
 from .errors import UserError
+from .lora import LoRAConfig
 from .losses import token_cross_entropy
 from .model import Seq2Seq, set_dropout
 from .prepare import read_meta
 from .recipe import to_dict, write_args
+from .resume import check_resume, run_fingerprint
 from .tokenizer import Tokenizer
 from .train import TrainConfig
 from .world.judge import summarise
@@ -390,7 +393,8 @@ class Run:
     metric: str  # what picks the exported model: "val_loss" or "labeler_score"
     selects: bool  # whether anything picks it (False: no validation data, the last step is exported)
     base_dropout: float  # the dropout of INIT, which the exported config keeps
-    fingerprint: dict  # the data and settings a resumed run must share with this one (`train.check_resume`)
+    fingerprint: dict  # the data and settings a resumed run must share with this one (`resume.check_resume`)
+    lora: LoRAConfig | None  # the adapters that train over the frozen INIT; None: every weight trains
 
     @property
     def total_steps(self) -> int:
@@ -412,6 +416,7 @@ def set_up(args: SFTArgs, inp: Inputs) -> Run:
     if args.train.warmup_steps is None:
         tcfg = replace(tcfg, warmup_steps=max(1, round(0.05 * total_steps)))
     eval_every = tcfg.eval_interval or max(1, min(steps_per_epoch, math.ceil(total_steps / 4)))
+    lora = finetune.prepare(model, tcfg)  # LoRA adapters and activation checkpointing, as the flags say
     fwd = prepare_model(model, runtime)  # DDP or FSDP; `model` (sharded in place by FSDP) is saved
     optimizer = train.make_optimizer(model, tcfg, runtime)
     sampler = EpochSampler(len(inp.trn), tcfg.seed)
@@ -420,11 +425,12 @@ def set_up(args: SFTArgs, inp: Inputs) -> Run:
         ptx = PretrainWindows(Path(args.ptx_data), inp.max_length, tcfg.seed, inp.tok.bos_id if inp.seq2seq else None,
                               inp.tok.pad_id)
         n_ptx = max(1, round(tcfg.batch_size * tcfg.grad_accum * args.ptx_fraction / (1 - args.ptx_fraction)))
+    ckpt = Checkpointer(args.out, keep_last=tcfg.keep_last, weights=finetune.checkpoint_weights(lora))
+    fingerprint = run_fingerprint(args, runtime, total_steps,
+                                  extra={"pretraining windows per step": n_ptx * runtime.world_size})
     return Run(runtime, tcfg, steps_per_epoch, eval_every, tcfg.checkpoint_interval or eval_every, fwd, optimizer,
-               sampler, ptx, n_ptx, Checkpointer(args.out, keep_last=tcfg.keep_last),
-               "labeler_score" if inp.sel is not None else "val_loss", inp.sel is not None or bool(inp.val),
-               base_dropout, train.run_fingerprint(args, runtime, total_steps,
-                                                   extra={"pretraining windows per step": n_ptx * runtime.world_size}))
+               sampler, ptx, n_ptx, ckpt, "labeler_score" if inp.sel is not None else "val_loss",
+               inp.sel is not None or bool(inp.val), base_dropout, fingerprint, lora)
 
 
 def say(run: Run, message: str) -> None:
@@ -436,7 +442,7 @@ def restore(args: SFTArgs, inp: Inputs, run: Run) -> tuple[int, dict]:
     """(step, best evaluation so far): from the latest checkpoint with --resume, else the start."""
     step, best = 0, {"metric": run.metric, "value": None, "step": 0}
     if args.train.resume and (latest := run.ckpt.latest()) is not None:
-        train.check_resume(run.ckpt.state_of(latest), run.fingerprint, latest)
+        check_resume(run.ckpt.state_of(latest), run.fingerprint, latest)
         state = run.ckpt.load(latest, {"model": inp.model}, {"optimizer": run.optimizer})
         step, best = state["step"], state["best"]
         run.sampler.restore(state["sampler"])
@@ -461,6 +467,7 @@ def announce(inp: Inputs, run: Run) -> None:
     say(run, f"sft: {len(inp.trn)} training and {len(inp.val)} validation examples, {run.total_steps} steps of "
         f"{tcfg.batch_size * tcfg.grad_accum * W} examples{ptx} ({run.total_steps / run.steps_per_epoch:.2f} "
         f"epochs) on {run.runtime.device}{procs}; the exported model is chosen by {chosen}")
+    say(run, f"sft: {finetune.describe(inp.model, run.lora)}")
 
 
 def train_loop(args: SFTArgs, inp: Inputs, run: Run, log: train.MetricsLog, step: int, best: dict) -> tuple[int, dict]:
@@ -507,14 +514,19 @@ def train_loop(args: SFTArgs, inp: Inputs, run: Run, log: train.MetricsLog, step
 
 
 def finish(args: SFTArgs, inp: Inputs, run: Run, step: int, best: dict, t0: float) -> dict:
-    """Export the chosen model (with the dropout of INIT in its config), then the completion marker."""
+    """Export the chosen model (with the dropout of INIT in its config; merged, and its adapter alone, with LoRA),
+    then the completion marker."""
     final = run.ckpt.best_model_path() if run.selects else None
-    model = load_model(final) if final is not None else inp.model
+    if final is not None and run.lora is not None:  # the chosen step's adapters, over the frozen INIT
+        run.ckpt.load_best(inp.model)
+    model = load_model(final) if final is not None and run.lora is None else inp.model
     model.config.dropout = run.base_dropout
     selected_by = run.metric if run.selects else "last"
     selected_step = best["step"] if run.selects else step
     run.ckpt.export(model, extra={"stage": "sft", "selected_by": selected_by, "selected_step": selected_step,
-                                  "sft_dropout": args.dropout})
+                                  "sft_dropout": args.dropout,
+                                  **finetune.lora_record(run.lora, args.init, run.fingerprint["--init"])})
+    finetune.write_adapter(model, run.lora, args.init, args.out, log=lambda m: say(run, m))
     summary = {"stage": "sft", "steps": step, "examples": len(inp.trn), "val_examples": len(inp.val),
                "selected_by": selected_by, "selected_step": selected_step,
                "best": best["value"] if run.selects else None, "seconds": round(time.time() - t0, 2)}

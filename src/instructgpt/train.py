@@ -1,12 +1,15 @@
 """The small training library every stage composes: the optimisation recipe (`TrainConfig`), the
 optimizer and its schedule, one optimizer step, metrics and a progress bar.
 
-A stage reads top to bottom with these pieces and those of `distributed` and `checkpoint` (see `pretrain.py`):
+A stage reads top to bottom with these pieces and those of `distributed`, `checkpoint`, `resume` and `finetune`
+(see `pretrain.py` and `sft.py`):
 
     runtime = setup(cfg)
-    model = GPT(model_cfg).to(runtime.device)
+    model = load_model(init)
+    lora = finetune.prepare(model, cfg)  # LoRA and activation checkpointing as the flags say (`TrainConfig.lora`)
+    fwd = prepare_model(model, runtime)  # FSDP, compile, DDP
     optimizer = make_optimizer(model, cfg, runtime)
-    ckpt = Checkpointer(out, cfg.keep_last)
+    ckpt = Checkpointer(out, cfg.keep_last, weights=finetune.checkpoint_weights(lora))
     state = ckpt.load(ckpt.latest(), {"model": model}, {"model": optimizer}) if resuming else {...}
     for step in range(state["step"], cfg.max_steps):
         stats = train_step(model, optimizer, micro_batches, loss_sum_fn, n_targets_fn, cfg, runtime, step)
@@ -21,7 +24,6 @@ the same update as one big batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .checkpoint import CONFIG, WEIGHTS
 from .distributed import Runtime, init_runtime, is_sharded, rank_and_world, unwrap
 from .errors import UserError
+from .lora import FUSED, TARGETS, LoRAConfig
+from .resume import check_resume as check_resume  # re-exported: callers of train.check_resume
+from .resume import run_fingerprint as run_fingerprint  # and of train.run_fingerprint
 from .trackers import ReportTo, open_tracker
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,10 +81,30 @@ class TrainConfig:
     # under torchrun: minutes a rank waits in a collective for the others before the run fails (a dead or hung
     # rank then stops the job even without an elastic agent to notice it)
     dist_timeout: float = 30.0
+    # LoRA rank: train a low-rank update beside each targeted layer of the frozen model (Hu et al. 2021). Step
+    # checkpoints then hold only the adapters (and a reward model's head); the exported model is merged, and a
+    # language model's adapter is also written alone in PEFT's format (OUT/adapter/). 0: full fine-tuning (and
+    # the only choice of pretrain, whose model is new)
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 x rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (the frozen path sees the input as it is)
+    # the layers that get adapters: attn (every attention projection) and mlp, or layer names (qkv_proj or c_attn,
+    # o_proj, fc or gate_up_proj, proj or down_proj); a fused projection (q, k and v; gate and up) gets one adapter
+    lora_targets: tuple[str, ...] = ("attn", "mlp")
+    # keep only each transformer block's input for the backward pass and recompute the block there: activation
+    # memory falls from tens of B x T x C per block to one, for about one more forward pass of compute
+    activation_checkpointing: bool = False
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def lora(self) -> LoRAConfig | None:
+        """The adapters --lora-* ask for; None for full fine-tuning (--lora-rank 0). Call after validate()."""
+        if self.lora_rank == 0:
+            return None
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return LoRAConfig(self.lora_rank, alpha, self.lora_dropout, tuple(self.lora_targets))
 
     def validate(self) -> None:
         checks = [
@@ -103,10 +127,21 @@ class TrainConfig:
             (self.dist_timeout > 0, f"--dist-timeout must be positive (minutes), got {self.dist_timeout}"),
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
+            (self.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),
+            (self.lora_alpha is None or 0 < self.lora_alpha < math.inf,
+             f"--lora-alpha must be positive and finite, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (len(self.lora_targets) > 0, "--lora-targets must name at least one layer (attn, mlp, or a layer name)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        for name in self.lora_targets:
+            if name in FUSED:
+                raise UserError(f"--lora-targets: {name!r} is part of the fused {FUSED[name]!r} projection here; "
+                                f"target {FUSED[name]!r} (one adapter over all of it)")
+            if name not in TARGETS:
+                raise UserError(f"--lora-targets: unknown target {name!r}; known: {', '.join(TARGETS)}")
 
 
 def setup(cfg: TrainConfig) -> Runtime:
@@ -323,83 +358,6 @@ def train_step(
         guard.record(step + 1, finite, loss, grad_norm)
     optimizer.zero_grad(set_to_none=True)
     return stats
-
-
-# ----------------------------------------------------------------------------------------------------
-# What a resumed run must share with the run it continues
-
-RUN_LENGTH = ("--max-steps", "--epochs")  # may change when the run resumed had reached its end: training further
-# arguments that change where and how a run writes, not what it computes
-BOOKKEEPING = ("out", "train", "samples", "eval_iters", "sample_interval")
-
-
-def run_fingerprint(args: Any, runtime: Runtime, total_steps: int, per_step: int | None = None,
-                    extra: dict | None = None) -> dict:
-    """What sets a run's course, by flag, for each checkpoint's state.json: the examples of a step (`per_step`, by
-    default --batch-size x --grad-accum x processes, however split), the schedule (`total_steps`), the optimizer,
-    the seed; every argument of the stage's `args` but BOOKKEEPING (files and folders by their `data_digest`, a
-    nested dataclass field by field); `extra`, what the stage derives. As JSON stores it (compares equal)."""
-    cfg = args.train
-    out = {"examples per step (--batch-size x --grad-accum x processes)": per_step or examples_per_step(cfg, runtime),
-           "--max-steps": total_steps, "--lr": cfg.lr, "--min-lr": cfg.min_lr, "--warmup-steps": cfg.warmup_steps,
-           "--weight-decay": cfg.weight_decay, "--beta1": cfg.beta1, "--beta2": cfg.beta2, "--grad-clip": cfg.grad_clip,
-           "--seed": cfg.seed}
-    for f in (f for f in fields(args) if f.name not in BOOKKEEPING):
-        value = getattr(args, f.name)
-        if is_dataclass(value):
-            out.update({f"--{k.replace('_', '-')}": v for k, v in asdict(value).items()})
-            continue
-        if isinstance(value, Path) or (isinstance(value, list) and value and isinstance(value[0], Path)):
-            value = data_digest(value) if isinstance(value, Path) else [data_digest(p) for p in value]
-        out[f"--{f.name.replace('_', '-')}"] = value
-    return json.loads(json.dumps({**out, **(extra or {})}, default=str))
-
-
-def file_digest(path: Path) -> dict:
-    """Size and SHA-256 of a file (read once, at about 1 GB/s)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
-
-
-def data_digest(path: Path | None) -> dict | None:
-    """What a resumed run compares to be sure it reads what the interrupted one read: the digest of a file; of
-    a folder, the digests of the files a stage reads there (a prepared folder's meta.json, shards and
-    tokenizer; a model folder's weights, config and tokenizer). None for None or a path that is not there."""
-    if path is None or not (path := Path(path)).exists():
-        return None
-    if not path.is_dir():
-        return file_digest(path)
-    names = [WEIGHTS, CONFIG, "tokenizer.json"]
-    if (path / "meta.json").is_file():
-        shards = json.loads((path / "meta.json").read_text()).get("shards", {})
-        names = ["meta.json", "tokenizer.json", *(n for split in sorted(shards) for n in shards[split])]
-    return {name: file_digest(path / name) for name in names if (path / name).is_file()}
-
-
-def check_resume(saved: dict, fingerprint: dict, checkpoint: Path) -> None:
-    """Refuse to continue the run of `checkpoint` (its state.json: `saved`) with other data or settings: a
-    UserError naming each. Only the run's length may change, from the checkpoint of its last step (training
-    further). A checkpoint without a fingerprint (an older version's) is taken as it is."""
-    before = saved.get("fingerprint")
-    if before is None:
-        return
-    free = RUN_LENGTH if saved.get("step", 0) >= (before.get("--max-steps") or math.inf) else ()
-    keys = sorted(before.keys() | fingerprint.keys())
-    differ = [k for k in keys if k not in free and before.get(k) != fingerprint.get(k)]
-    if not differ:
-        return
-
-    def show(k: str) -> str:
-        a, b = before.get(k), fingerprint.get(k)
-        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            return f"{k} (other files, or their contents changed)"
-        return f"{k} ({a} then, {b} now)"
-
-    raise UserError(f"--resume: {checkpoint} was written with other data or settings: {'; '.join(map(show, differ))}. "
-                    "Resume with the same ones, or start a new run in another --out")
 
 
 # ----------------------------------------------------------------------------------------------------
