@@ -133,7 +133,8 @@ def test_eval_from_a_recipe_file_with_a_flag_on_top(tmp_path: Path, capsys, monk
     main(["eval", "--config", str(recipe), "--max-new-tokens", "4"])
     saved = json.loads((run / "eval" / "args.json").read_text())
     assert saved == {"run": str(run), "world": None, "prompts": None, "out": None, "max_new_tokens": 4,
-                     "max_prompts": 2, "batch_size": 2, "seed": 3, "device": "cpu"}
+                     "max_prompts": 2, "batch_size": 2, "pass_prompts": 8, "pass_n": 8, "pass_k": 4, "seed": 3,
+                     "device": "cpu"}
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["prompts"] == 2 and set(results["models"]) == {"sft"} and results["rm"] == {"accuracy": None}
     assert all(len(s["sft"]) <= 4 * 8 for s in results["samples"])  # 4 new tokens of at most a few characters

@@ -6,6 +6,7 @@ obviously right twin of `to_html`."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from markdown_it import MarkdownIt
 
 from instructgpt.checkpoint import write_json_atomic
 from instructgpt.errors import UserError
+from instructgpt.records import read_json_file
 from instructgpt.report import LABELS, markdown, quoted, report_command, to_html
 
 MODELS = ("pretrained", "sft", "ppo")
@@ -126,3 +128,64 @@ def test_quoted_text_stays_inside_one_code_block(tmp_path: Path, prompt: str, re
 
 def escaped(part: str) -> str:
     return re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda m: ascii(m.group())[1:-1], part)
+
+
+def capability_figures(rate: float) -> dict:
+    """A model's exact match and pass@k as `evaluate` writes them."""
+    fam = {"n": 4, "correct": int(4 * rate), "rate": rate, "ci95": [rate / 2, (1 + rate) / 2]}
+    mean = {"rate": rate, "ci95": [0.1, 0.9]}
+    return {"exact_match": {"per_family": {"arithmetic": fam, "count": fam}, "mean": mean},
+            "pass_at_k": {"prompts": 4, "samples": 8, "pass@1": {"rate": rate, "ci95": [0.0, 0.5]},
+                          "pass@4": {"rate": 2 * rate, "ci95": [0.1, 0.8]}}}
+
+
+def test_the_report_shows_exact_match_and_pass_at_k_of_every_model_and_the_grpo_curves(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {})
+    results = read_json_file(run / "eval" / "results.json")
+    models = ("sft", "grpo")
+    results["models"] = {m: figures(0.5) | capability_figures(0.25 * (i + 1)) for i, m in enumerate(models)}
+    results["samples"] = [s | {"grpo": "5"} for s in results["samples"]]
+    sampling = {"per_family": 2, "n": 8, "k": 4, "seed": 0, "prompts": 4, "temperature": 1.0}
+    results["capability"] = {"families": ["arithmetic", "reverse", "count"], "pass_at_k": sampling}
+    write_json_atomic(run / "eval" / "results.json", results)
+    (run / "grpo").mkdir()
+    (run / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "reward": 0.1 * s, "kl": 0.01 * s, "completion_length": 20 - s}) + "\n" for s in range(1, 6)))
+    report_command(run)
+    page, md = (run / "report.html").read_text(), (run / "report.md").read_text()
+    assert len(images(page)) == 5 and (run / "plots" / "grpo.png").is_file()
+    assert "![grpo](plots/grpo.png)" in md
+
+    def table(title: str) -> list[list[str]]:  # the first table after the heading, as a CommonMark parser reads it
+        tokens = MarkdownIt().enable("table").parse(md[md.index(title):])
+        rows, row = [], None
+        for t in tokens:
+            if t.type == "tr_open":
+                row = []
+            elif t.type == "inline" and row is not None:
+                row.append(t.content)
+            elif t.type == "tr_close":
+                rows.append(row)
+                row = None
+            elif t.type == "table_close":
+                break
+        return rows
+
+    # the families the evaluation names, in its order, if any model has figures for them
+    assert table("## Capability families: exact match") == [
+        ["model", "arithmetic (n=4)", "count (n=4)", "mean"],
+        ["SFT", "0.250 [0.12, 0.62]", "0.250 [0.12, 0.62]", "0.250 [0.10, 0.90]"],
+        ["GRPO", "0.500 [0.25, 0.75]", "0.500 [0.25, 0.75]", "0.500 [0.10, 0.90]"]]
+    assert table("## Capability families: pass@k") == [
+        ["model", "pass@1", "pass@4"], ["SFT", "0.250 [0.00, 0.50]", "0.500 [0.10, 0.80]"],
+        ["GRPO", "0.500 [0.00, 0.50]", "1.000 [0.10, 0.80]"]]
+    assert "8 replies sampled at temperature 1.0 to each of 4 held-out prompts" in md
+    assert "<td>GRPO</td><td>0.500 [0.25, 0.75]</td>" in page
+
+
+def test_a_report_of_results_without_capability_figures_has_no_such_section(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {})  # results.json of an evaluation from before exact match and pass@k
+    report_command(run)
+    md = (run / "report.md").read_text()
+    assert "Capability families" not in md and "grpo" not in md
+    assert len(images((run / "report.html").read_text())) == 4

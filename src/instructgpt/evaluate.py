@@ -10,6 +10,11 @@ For each model, greedy replies to held-out world prompts, then:
   loss on held-out pretraining text, and few-shot accuracy on the world's facts, scored by likelihood as
   GPT-3 scored its multiple-choice benchmarks: after two example sentences, which value of a person's
   town, colour, food, job or pet does the model find likeliest?
+- on the capability families (arithmetic, reverse, sort, count, uppercase, repeat: one checkable answer
+  each), exact match of the greedy replies by the world's checker (`rewards.WorldChecker`), per family
+  with a 95% Wilson interval and their mean with a 95% bootstrap interval; and pass@1 and pass@k of replies
+  sampled at temperature 1 (Chen et al.'s unbiased estimator) on a fixed subset of those prompts, the
+  figures that RL with verifiable rewards (the pipeline's GRPO stage) is meant to move.
 The pretrained model is prompted few-shot in plain text, as the paper prompted GPT-3.
 """
 
@@ -25,22 +30,33 @@ import torch
 import torch.nn.functional as F
 
 from .batching import IGNORE, pad_labelled, prefix_lm_batch
-from .chat import replies
+from .chat import few_shot_prompt, render_prompt, replies
 from .checkpoint import DONE, load_model, read_config, write_json_atomic
 from .data import read_prompts
 from .distributed import resolve_device
 from .errors import UserError
+from .generate import SamplingParams, generate_many
 from .losses import seq2seq_loss_sum, sequence_logprobs
 from .model import GPT, Seq2Seq
 from .recipe import write_args
 from .records import file_digest, read_json_file
+from .rewards import WorldChecker
 from .tokenizer import Tokenizer
 from .train import Progress
-from .world.judge import summarise, win_rate, world_record
+from .world.judge import summarise, wilson_interval, win_rate, world_record
 from .world.labeler import Labeler
-from .world.world import FAMILIES, FAVOURITE_COLOURS, FAVOURITE_FOODS, JOBS, PETS, World, article
+from .world.world import (
+    CAPABILITY_FAMILIES,
+    FAMILIES,
+    FAVOURITE_COLOURS,
+    FAVOURITE_FOODS,
+    JOBS,
+    PETS,
+    World,
+    article,
+)
 
-MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo")
+MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo", "grpo")
 
 
 @torch.no_grad()
@@ -136,10 +152,118 @@ def fact_cloze_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str],
     return right / len(items)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Capability families: exact match and pass@k
+
+
+@dataclass(frozen=True)
+class PassAtK:
+    """pass@k's sample: `n` replies at temperature 1 to the first `per_family` prompts of each capability family,
+    drawn from a generator seeded with `seed` (the same prompts and seeds for every model)."""
+
+    per_family: int = 8
+    n: int = 8
+    k: int = 4  # reported beside pass@1
+    seed: int = 0
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of which c are correct (Chen et al., 2021, "Evaluating
+    Large Language Models Trained on Code", arXiv 2107.03374, equation 1): the chance that k of the n samples,
+    drawn without replacement, hold a correct one,
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
+
+    (the product form of their numerically stable code; no large binomials)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k holds a correct sample
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def bootstrap_interval(groups: list[list[float]], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+                       ) -> list[float]:
+    """95% percentile bootstrap interval of the mean over groups of each group's mean, each group resampled
+    with replacement on its own (stratified: a family keeps its number of prompts in every resample)."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for g in groups:
+        x = np.asarray(g, dtype=np.float64)
+        means += x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)  # (resamples,)
+    lo, hi = np.percentile(means / len(groups), [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def exact_match(checker: WorldChecker, records: list[dict], texts: list[str], seed: int = 0) -> dict | None:
+    """Exact match of replies to the capability families' prompts, as the world's checker judges them:
+    {"per_family": {family: {"n", "correct", "rate", "ci95" (Wilson)}}, "mean": {"rate", "ci95" (stratified
+    bootstrap)}}, the mean taken over families (each counts the same). None without such prompts."""
+    hits: dict[str, list[float]] = {}
+    for rec, text in zip(records, texts):
+        if rec["family"] in CAPABILITY_FAMILIES:
+            hits.setdefault(rec["family"], []).append(float(checker.correct(rec["family"], rec["meta"], text)))
+    if not hits:
+        return None
+    groups = [hits[f] for f in CAPABILITY_FAMILIES if f in hits]
+    per_family = {f: {"n": len(hits[f]), "correct": int(sum(hits[f])), "rate": float(np.mean(hits[f])),
+                      "ci95": list(wilson_interval(sum(hits[f]), len(hits[f])))}
+                  for f in CAPABILITY_FAMILIES if f in hits}
+    mean = float(np.mean([np.mean(g) for g in groups]))
+    return {"per_family": per_family, "mean": {"rate": mean, "ci95": bootstrap_interval(groups, seed)}}
+
+
+def pass_subset(records: list[dict], per_family: int) -> list[int]:
+    """The indices of the first `per_family` prompts of each capability family, in the file's order."""
+    taken: dict[str, int] = {}
+    out = []
+    for i, rec in enumerate(records):
+        if rec["family"] in CAPABILITY_FAMILIES and taken.get(rec["family"], 0) < per_family:
+            taken[rec["family"]] = taken.get(rec["family"], 0) + 1
+            out.append(i)
+    return out
+
+
+@torch.no_grad()
+def sampled_replies(model, tok: Tokenizer, prompts: list, few_shot: bool, max_new_tokens: int, n: int, seed: int,
+                    batch_size: int) -> list[list[str]]:
+    """n replies to each prompt sampled at temperature 1, prompted as `chat.replies` prompts (few-shot replies
+    cut at the first newline). Continuous batching (`generate.generate_many`, at least a prompt's n samples at
+    once): a prompt's samples draw from a generator seeded from `seed` and the prompt's place in the list,
+    whatever else shares its batch."""
+    block = model.config.block_size
+    ids = [(tok.begin + tok.encode(few_shot_prompt(p.messages[-1]["content"])) if few_shot
+            else render_prompt(tok, p.messages))[-(block - max_new_tokens):] for p in prompts]
+    gen = generate_many(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0), tok.stop_ids,
+                        tok.pad_id, max_batch=max(batch_size, n), n=n, generator=torch.Generator().manual_seed(seed),
+                        start_id=tok.bos_id)
+    texts = [tok.decode(t) for t in gen.token_lists()]  # (len(prompts) * n), a prompt's n side by side
+    texts = [(t.split("\n", 1)[0] if few_shot else t).strip() for t in texts]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def pass_at_k_figures(checker: WorldChecker, records: list[dict], samples: list[list[str]], k: int, seed: int = 0
+                      ) -> dict:
+    """{"prompts", "samples" (n), "pass@1" and "pass@k": {"rate", "ci95" (bootstrap over prompts)}} of n
+    sampled replies to each of `records` (capability prompts)."""
+    n = len(samples[0])
+    correct = [sum(checker.correct(r["family"], r["meta"], t) for t in texts) for r, texts in zip(records, samples)]
+    out: dict = {"prompts": len(records), "samples": n}
+    for kk in sorted({1, k}):
+        values = [pass_at_k(n, c, kk) for c in correct]
+        out[f"pass@{kk}"] = {"rate": float(np.mean(values)), "ci95": bootstrap_interval([values], seed)}
+    return out
+
+
 def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout_text: Path | None,
                     max_new_tokens: int = 48, batch_size: int = 64, max_prompts: int | None = None,
-                    device: str = "auto", seed: int = 0, cache: Path | None = None) -> dict:
+                    device: str = "auto", seed: int = 0, cache: Path | None = None,
+                    sampling: PassAtK | None = PassAtK()) -> dict:
     """Every figure of the evaluation for the given {name: checkpoint folder}; "sft" must be among them.
+    `sampling`: pass@k's sample of the capability prompts (None: no pass@k).
 
     `cache`: a folder of each model's figures and replies, keyed by everything they depend on (the model's
     files, the prompts, the world, the held-out text, the settings), so that a rerun (after a crash, or after
@@ -156,10 +280,12 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         raise UserError(f"--prompts {prompts}: prompt {unknown[0]} has the task family {unknown[1]!r}, which the "
                         f"labeler does not know ({', '.join(FAMILIES)})")
     cloze = fact_cloze_items(labeler.world, seed=seed)
+    checker = WorldChecker(labeler.world)
     settings = {"prompts": file_digest(prompts), "world": file_digest(Path(world) / "world.json"),
                 "heldout": None if heldout_text is None else file_digest(heldout_text),
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_prompts": max_prompts, "seed": seed,
-                "device": dev.type}
+                "device": dev.type, "pass_at_k": None if sampling is None else vars(sampling)}
+    capability = Capability(checker, sampling, pass_subset(records, sampling.per_family) if sampling else [], seed)
     answers: dict[str, list[tuple[str, bool]]] = {}
     results: dict[str, dict] = {}
     for name, folder in models.items():
@@ -168,7 +294,7 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         entry = read_cached(cache, name, key)
         if entry is None:
             entry = {"key": key, **evaluate_model(name, folder, items, records, labeler, cloze, heldout_text,
-                                                  max_new_tokens, batch_size, dev)}
+                                                  max_new_tokens, batch_size, dev, capability)}
             if cache is not None:
                 write_json_atomic(cache / f"{name}.json", entry)
         results[name] = entry["figures"]
@@ -182,16 +308,39 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
     samples = [{"prompt": r["prompt"], "family": r["family"], **{m: answers[m][i][0] for m in models}}
                for i, r in enumerate(records)]
     chance = float(np.mean([1 / len(cands) for _, cands, _ in cloze]))
-    return {"models": results, "samples": samples, "prompts": len(items), "few_shot_chance": chance}
+    return {"models": results, "samples": samples, "prompts": len(items), "few_shot_chance": chance,
+            "capability": capability.describe()}
 
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")  # what a model's figures depend on
 
 
+@dataclass
+class Capability:
+    """What the capability figures of every model share: the checker, pass@k's settings and its prompts (indices
+    into the evaluation's prompts)."""
+
+    checker: WorldChecker
+    sampling: PassAtK | None
+    subset: list[int]
+    seed: int  # of the bootstrap intervals
+
+    def describe(self) -> dict:
+        """How the figures were made, for results.json."""
+        out = {"families": list(CAPABILITY_FAMILIES), "exact_match": "greedy replies checked by the world's checker; "
+               "95% Wilson interval per family, 95% percentile bootstrap (stratified by family, "
+               f"{BOOTSTRAP_RESAMPLES} resamples) for the mean over families"}
+        if self.sampling is not None and self.subset:
+            out["pass_at_k"] = {**vars(self.sampling), "prompts": len(self.subset), "temperature": 1.0,
+                                "interval": f"95% percentile bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples"}
+        return out
+
+
 def evaluate_model(name: str, folder: Path, items: list, records: list[dict], labeler: Labeler, cloze: list,
-                   heldout_text: Path | None, max_new_tokens: int, batch_size: int, dev: torch.device) -> dict:
-    """{"figures": one model's labeler figures, held-out loss and few-shot accuracy, "answers": its greedy
-    (text, ended) replies}."""
+                   heldout_text: Path | None, max_new_tokens: int, batch_size: int, dev: torch.device,
+                   capability: Capability) -> dict:
+    """{"figures": one model's labeler figures, held-out loss, few-shot accuracy, exact match and pass@k,
+    "answers": its greedy (text, ended) replies}."""
     tok = Tokenizer.load(folder / "tokenizer.json")
     model = load_model(folder, device=dev).eval()
     progress = Progress(len(items), f"eval {name}")
@@ -201,6 +350,14 @@ def evaluate_model(name: str, folder: Path, items: list, records: list[dict], la
     if heldout_text is not None:
         figures["pretrain_val_loss"] = heldout_loss(model, tok, Path(heldout_text))
     figures["few_shot_accuracy"] = fact_cloze_accuracy(model, tok, cloze) if isinstance(model, GPT) else None
+    figures["exact_match"] = exact_match(capability.checker, records, [text for text, _ in answers], capability.seed)
+    figures["pass_at_k"] = None
+    if capability.sampling is not None and capability.subset:
+        s = capability.sampling
+        samples = sampled_replies(model, tok, [items[i] for i in capability.subset], name == "pretrained",
+                                  max_new_tokens, s.n, s.seed, batch_size)
+        figures["pass_at_k"] = pass_at_k_figures(capability.checker, [records[i] for i in capability.subset],
+                                                 samples, s.k, capability.seed)
     return {"figures": figures, "answers": answers}
 
 
@@ -229,8 +386,13 @@ class EvalArgs:
     max_new_tokens: int = 48  # longest reply, in tokens (greedy)
     max_prompts: int | None = None  # evaluate on the first this many prompts; None: all of them
     batch_size: int = 64  # prompts per batch of greedy replies
-    # seeds the labeler's judgements and draws the few-shot examples. 0, not the training stages' 1337: the
-    # pipeline's figures (its --seed defaults to 0) depend on it
+    # pass@k on the capability families: --pass-n replies sampled at temperature 1 to the first --pass-prompts
+    # prompts of each family (0: no pass@k); pass@1 and pass@--pass-k are reported
+    pass_prompts: int = 8
+    pass_n: int = 8
+    pass_k: int = 4
+    # seeds the labeler's judgements, draws the few-shot examples, pass@k's samples and the bootstrap intervals.
+    # 0, not the training stages' 1337: the pipeline's figures (its --seed defaults to 0) depend on it
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or auto = cuda if available else cpu
 
@@ -246,7 +408,7 @@ class EvalInputs:
     heldout: Path | None  # held-out pretraining text (WORLD/corpus_heldout.txt), when the world has it
 
 
-STAGE_DIRS = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo"}
+STAGE_DIRS = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo", "grpo": "grpo"}
 
 
 def resolve_inputs(args: EvalArgs) -> EvalInputs:
@@ -273,13 +435,17 @@ def resolve_inputs(args: EvalArgs) -> EvalInputs:
         if not 1 <= args.max_new_tokens < block:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1 and leave room for a prompt "
                             f"in {folder}'s context of {block} tokens")
+    if args.pass_prompts < 0 or args.pass_n < 1 or not 1 <= args.pass_k <= args.pass_n:
+        raise UserError(f"--pass-prompts {args.pass_prompts}, --pass-n {args.pass_n}, --pass-k {args.pass_k}: "
+                        "need --pass-prompts >= 0 and 1 <= --pass-k <= --pass-n (pass@k draws k of n samples)")
     heldout = world / "corpus_heldout.txt"
     return EvalInputs(world, prompts, Path(args.out or run / "eval" / "results.json"), models,
                       heldout if heldout.exists() else None)
 
 
 def eval_command(args: EvalArgs) -> dict:
-    """Evaluate every finished model of a run folder (pretrain, sft, ppo, ppo_ptx, dpo) on held-out world prompts.
+    """Evaluate every finished model of a run folder (pretrain, sft, ppo, ppo_ptx, dpo, grpo) on held-out world
+    prompts.
 
     Writes RUN/eval/results.json (or --out) with args.json beside it and prints a table; returns the results.
     Each model's figures are kept in cache/ beside the results: a rerun evaluates only what is missing or changed.
@@ -290,8 +456,10 @@ def eval_command(args: EvalArgs) -> dict:
     write_args(inputs.out.parent, args)
 
     # 2. every figure of every model
+    sampling = PassAtK(args.pass_prompts, args.pass_n, args.pass_k, args.seed) if args.pass_prompts else None
     res = evaluate_models(inputs.models, inputs.world, inputs.prompts, inputs.heldout, args.max_new_tokens,
-                          args.batch_size, args.max_prompts, args.device, args.seed, cache=inputs.out.parent / "cache")
+                          args.batch_size, args.max_prompts, args.device, args.seed, cache=inputs.out.parent / "cache",
+                          sampling=sampling)
 
     # 3. the reward model's held-out accuracy from its summary; results.json, atomically (no timing in it: the
     # same inputs give the same file)
@@ -325,4 +493,20 @@ def print_table(results: dict) -> None:
         table.add_row(name, f"{m['win_rate_vs_sft']:.3f} [{lo:.2f}, {hi:.2f}]", f(m["labeler_score"]),
                       f(m["hallucination_rate"]), f(m["refusal_rate"]), f(m["over_refusal_rate"]),
                       f(m["constraint_rate"]), f(m.get("pretrain_val_loss")), f(m.get("few_shot_accuracy")))
+    Console().print(table)
+    rows = [(name, results["models"][name]) for name in MODEL_ORDER
+            if (results["models"].get(name) or {}).get("exact_match") is not None]
+    if not rows:
+        return
+    families = [f for f in CAPABILITY_FAMILIES if f in rows[0][1]["exact_match"]["per_family"]]
+    passes = sorted({k for _, m in rows for k in (m.get("pass_at_k") or {}) if k.startswith("pass@")},
+                    key=lambda k: int(k.removeprefix("pass@")))
+    table = Table(title="Capability families: exact match (greedy), pass@k (sampled)")
+    for c in ["model", *families, "mean (95% CI)", *passes]:
+        table.add_column(c, justify="right" if c != "model" else "left")
+    for name, m in rows:
+        em, pk = m["exact_match"], m.get("pass_at_k") or {}
+        lo, hi = em["mean"]["ci95"]
+        table.add_row(name, *(f(em["per_family"].get(fam, {}).get("rate")) for fam in families),
+                      f"{em['mean']['rate']:.3f} [{lo:.2f}, {hi:.2f}]", *(f(pk.get(k, {}).get("rate")) for k in passes))
     Console().print(table)

@@ -1,13 +1,20 @@
 """`instructgpt pipeline`: every stage of the recipe, in order, into one run folder.
 
     world -> prepare (tokenizer + shards) -> pretrain -> sft -> collect -> rm -> ppo, ppo_ptx, dpo -> eval -> report
+                                                               `-> grpo (verifiable rewards) ------------^
 
 Each stage writes its own folder and a marker last (`done.json`; for collect its rankings file, for eval its
 results.json); a stage whose marker exists is skipped, so a stopped pipeline resumes where it stopped (and a
 stage stopped mid-way resumes from its own checkpoints or chunks). RUN/pipeline.json records, for each stage,
-the fingerprints of the stages it read (`INPUTS`): a finished stage whose inputs have changed since, because
-an earlier stage ran again (e.g. `--stages collect`), runs again too. Stages talk only through these files,
-so any stage can also be run by hand with its own command.
+the fingerprints of the stages it read (`INPUTS`) and the preset's settings it ran with (`SETTINGS`): a
+finished stage whose inputs have changed since, because an earlier stage ran again (e.g. `--stages collect`),
+or whose settings in the preset have, runs again too. Stages talk only through these files, so any stage can
+also be run by hand with its own command.
+
+`grpo` is RL with verifiable rewards next to the paper's RLHF: GRPO from the SFT model on the capability
+families' prompts of the world's RL split (RUN/grpo/prompts.jsonl, never an evaluation prompt), rewarded by
+the world's checker (`--reward-fn world`), no reward model. It reads only sft and the world, so it changes
+nothing any other model stage sees.
 
 `--recipe FILE` runs the stages a recipe file names, on the user's own files, instead of the world's (see
 `run_recipe`).
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +36,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from .checkpoint import DONE, write_json_atomic
+from .checkpoint import DONE, atomic_write, write_json_atomic
 from .collect import collect_command
 from .dpo import dpo_command
 from .errors import UserError
@@ -42,6 +50,7 @@ from .report import report_command
 from .rm import rm_command
 from .sft import sft_command
 from .world.command import world_command
+from .world.world import CAPABILITY_FAMILIES
 
 # Sizes per preset. The arithmetic for `tiny`: a 4-layer, 128-dim GPT pretrained on a 1.5 MB corpus
 # (about 390k tokens) for 1000 steps of 16 x 128 tokens (2M tokens, five passes); SFT on 2000
@@ -51,7 +60,12 @@ from .world.command import world_command
 # demonstrations); PPO for 30 steps of 64 rollouts with beta 0.2 (at 0.05 the policy exploits the
 # reward model: it answered harmful requests with "I don't know", which the reward model never saw
 # ranked there and scored above a refusal); DPO for 150 steps of 16 pairs; 800 held-out prompts, so
-# that the 95% interval of a win rate is about +-0.035.
+# that the 95% interval of a win rate is about +-0.035. GRPO for 60 steps of 8 capability prompts x G = 8
+# samples, one pass each (the SFT model answers about 8% of them right, so with G = 4 most groups were all wrong
+# and taught nothing), 24 new tokens (answers are short; a reply cut off there loses the missing-end penalty,
+# which is how GRPO drops the demonstrators' pleasantries). Held-out exact match hardly moves at this size: 100
+# steps of two passes at lr 3e-4 gained 0.016 but unlearned refusing harmful requests (0.79 -> 0.0), trained on
+# nothing but capability prompts. pass@k on the first 16 prompts of each capability family x 8 samples.
 PRESETS: dict[str, dict] = {
     "smoke": {
         "world": dict(corpus_chars=150_000, n_sft=200, n_rm=60, n_rl=64, n_eval=40),
@@ -64,7 +78,9 @@ PRESETS: dict[str, dict] = {
         "ppo": dict(max_steps=3, batch_size=16, max_new_tokens=16, lr=1e-4, minibatches=2, ppo_epochs=2),
         "ptx_coef": 1.0,
         "dpo": dict(max_steps=10, batch_size=8, lr=1e-4),
-        "eval": dict(max_new_tokens=16),
+        "grpo": dict(estimator="grpo", group_size=4, max_steps=3, batch_size=16, max_new_tokens=12, lr=1e-4,
+                     minibatches=2, ppo_epochs=1),
+        "eval": dict(max_new_tokens=16, pass_prompts=2, pass_n=4, pass_k=2),
     },
     "tiny": {
         "world": dict(corpus_chars=1_500_000, n_sft=2000, n_rm=1200, n_rl=2000, n_eval=800),
@@ -79,7 +95,9 @@ PRESETS: dict[str, dict] = {
                     ppo_epochs=4),
         "ptx_coef": 1.0,
         "dpo": dict(max_steps=150, batch_size=16, lr=5e-5),
-        "eval": dict(max_new_tokens=32),
+        "grpo": dict(estimator="grpo", group_size=8, max_steps=60, batch_size=64, max_new_tokens=24, lr=2e-4,
+                     beta=0.04, minibatches=2, ppo_epochs=1),
+        "eval": dict(max_new_tokens=32, pass_prompts=16, pass_n=8, pass_k=4),
     },
     "small": {
         "world": dict(corpus_chars=3_000_000, n_sft=2000, n_rm=2000, n_rl=2000, n_eval=400),
@@ -93,21 +111,30 @@ PRESETS: dict[str, dict] = {
         "ppo": dict(max_steps=100, batch_size=128, max_new_tokens=48, lr=1e-5, minibatches=4, ppo_epochs=4),
         "ptx_coef": 1.0,
         "dpo": dict(max_steps=600, batch_size=32, lr=1e-5),
-        "eval": dict(max_new_tokens=48),
+        "grpo": dict(estimator="grpo", group_size=8, max_steps=100, batch_size=128, max_new_tokens=32, lr=1e-5,
+                     beta=0.04, minibatches=2, ppo_epochs=2),
+        "eval": dict(max_new_tokens=48, pass_prompts=16, pass_n=16, pass_k=8),
     },
 }
 
-STAGES = ("world", "prepare", "pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "dpo", "eval", "report")
+STAGES = ("world", "prepare", "pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "dpo", "grpo", "eval",
+          "report")
 
 # The stages whose results each stage reads.
 INPUTS: dict[str, tuple[str, ...]] = {
     "world": (), "prepare": ("world",), "pretrain": ("prepare",), "sft": ("pretrain", "world"),
     "collect": ("sft", "world"), "rm": ("sft", "collect", "world"), "ppo": ("sft", "rm", "world"),
-    "ppo_ptx": ("sft", "rm", "world", "prepare"), "dpo": ("sft", "collect"),
-    "eval": ("world", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo"),
-    "report": ("eval", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo"),
+    "ppo_ptx": ("sft", "rm", "world", "prepare"), "dpo": ("sft", "collect"), "grpo": ("sft", "world"),
+    "eval": ("world", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo", "grpo"),
+    "report": ("eval", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo", "grpo"),
 }
-MODEL_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo")
+# The entries of the preset each stage runs with.
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "world": ("world",), "prepare": ("vocab_size",), "pretrain": ("model", "pretrain"), "sft": ("sft",),
+    "collect": ("collect",), "rm": ("rm",), "ppo": ("ppo",), "ppo_ptx": ("ppo", "ptx_coef"), "dpo": ("dpo",),
+    "grpo": ("grpo",), "eval": ("eval",), "report": (),
+}
+MODEL_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo", "grpo")
 # The files (under RUN) by which a stage's result is known, its marker among them: their digests are the
 # stage's fingerprint. A model stage's done.json and weights; the world's every file; prepare's index and
 # tokenizer (meta.json counts the tokens of every shard).
@@ -143,7 +170,7 @@ def pipeline_command(args: PipelineArgs) -> None:
     p = PRESETS[args.preset]
     run = Path(args.out)
     manifest = read_manifest(run, args)
-    stage = stage_runner(run, manifest, args.stages)
+    stage = stage_runner(run, manifest, args.stages, p)
     world, data = run / "world", run / "data"
     rankings = run / "collect" / "rankings.jsonl"  # not in data/, which prepare replaces whole
     common = dict(seed=args.seed, device=args.device)
@@ -172,6 +199,10 @@ def pipeline_command(args: PipelineArgs) -> None:
         ptx_coef=p["ptx_coef"], ptx_data=data, **resume("ppo_ptx"), **p["ppo"], **common))
     stage("dpo", run / "dpo" / DONE, lambda: call(
         dpo_command, init=run / "sft", data=[rankings], **resume("dpo"), **p["dpo"], **common))
+    stage("grpo", run / "grpo" / DONE, lambda: call(  # --resume first: the prompts file makes the folder
+        ppo_command, init=run / "sft", **resume("grpo"), reward_fn=["world"], world=world,
+        prompts=capability_prompts(world / "prompts_rl.jsonl", run / "grpo" / "prompts.jsonl"), **p["grpo"],
+        **common))
     stage("eval", run / "eval" / "results.json", lambda: call(
         eval_command, run=run, world=world, **p["eval"], **common))
     stage("report", run / "report.html", lambda: report_command(run=run))  # preset, seed, seconds: pipeline.json
@@ -198,21 +229,28 @@ def read_manifest(run: Path, args: PipelineArgs) -> dict:
     return manifest
 
 
-def stage_runner(run: Path, manifest: dict, only: list[str] | None) -> Callable[[str, Path, Callable], None]:
+def stage_runner(run: Path, manifest: dict, only: list[str] | None, preset: dict | None = None
+                 ) -> Callable[[str, Path, Callable], None]:
     """stage(name, marker, fn): run fn unless the stage's marker shows it finished on the inputs it would read
-    now (or --stages leaves it out), and record in RUN/pipeline.json the inputs it runs on (before it starts, so
-    that a stopped stage resumes only on the same inputs) and its time."""
+    now and with the preset's settings it would run with (or --stages leaves it out), and record in
+    RUN/pipeline.json the inputs and settings it runs on (before it starts, so that a stopped stage resumes only
+    on the same ones) and its time. Without `preset`, settings are not compared."""
 
     def stage(name: str, marker: Path, fn: Callable) -> None:
         if only is not None and name not in only:
             return
-        inputs = {dep: fingerprint(run, dep) for dep in INPUTS[name]}
+        inputs: dict = {dep: fingerprint(run, dep) for dep in INPUTS[name]}
+        if preset is not None:  # as JSON gives it back, to compare with the record
+            inputs["settings"] = json.loads(json.dumps({k: preset[k] for k in SETTINGS[name]}))
         ran_on = manifest["inputs"].get(name)
         if ran_on is None and marker.exists():  # finished before the pipeline recorded inputs: taken as it is
             ran_on = manifest["inputs"][name] = inputs
             write_json_atomic(run / "pipeline.json", manifest)
-        if ran_on is not None and ran_on != inputs:
-            changed = sorted(dep for dep in inputs if ran_on.get(dep) != inputs[dep])
+        elif ran_on is not None and "settings" in inputs and "settings" not in ran_on:  # recorded before settings
+            ran_on = manifest["inputs"][name] = {**ran_on, "settings": inputs["settings"]}
+            write_json_atomic(run / "pipeline.json", manifest)
+        changed = sorted(dep for dep in inputs if ran_on is not None and ran_on.get(dep) != inputs[dep])
+        if changed:
             print(f"[pipeline] {name}: its inputs changed since it ran ({', '.join(changed)}): running it again")
             if name in MODEL_STAGES and (run / name).exists():  # else --resume would keep or continue it
                 shutil.rmtree(run / name)
@@ -252,6 +290,17 @@ def _stamp(path: Path) -> tuple[int, int]:
 @cache
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     return "missing" if size < 0 else file_digest(path)
+
+
+def capability_prompts(source: Path, out: Path) -> Path:
+    """Write to `out` the records of `source` (a world prompt file) whose family is a capability family (each has
+    one answer the world's checker verifies), as they are; returns `out`."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = "".join(line for line in lines if json.loads(line)["family"] in CAPABILITY_FAMILIES)
+    if not kept:
+        raise UserError(f"{source}: no prompt of the capability families ({', '.join(CAPABILITY_FAMILIES)})")
+    atomic_write(out, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+    return out
 
 
 def make_world(world: Path, seed: int, demo_habits: bool, p: dict) -> None:

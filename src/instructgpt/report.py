@@ -16,13 +16,18 @@ import html
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import atomic_write
 from .errors import UserError
 from .evaluate import MODEL_ORDER
 from .records import read_json_file
 from .train import read_metrics
 
-LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
+LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO",
+          "grpo": "GRPO"}
+COLOURS = {"pretrained": "#999999", "sft": "#4c72b0", "ppo": "#dd8452", "ppo_ptx": "#c44e52", "dpo": "#55a868",
+           "grpo": "#8172b3"}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -86,8 +91,7 @@ def make_plots(run: Path, results: dict) -> dict[str, Path]:
     rates = [results["models"][m]["win_rate_vs_sft"] for m in models]
     lo = [r - results["models"][m]["win_rate_ci95"][0] for m, r in zip(models, rates)]
     hi = [results["models"][m]["win_rate_ci95"][1] - r for m, r in zip(models, rates)]
-    ax.bar([LABELS[m] for m in models], rates, yerr=[lo, hi], capsize=4,
-           color=["#999999", "#4c72b0", "#dd8452", "#c44e52", "#55a868"][: len(models)])
+    ax.bar([LABELS[m] for m in models], rates, yerr=[lo, hi], capsize=4, color=[COLOURS[m] for m in models])
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate against SFT")
@@ -114,7 +118,37 @@ def make_plots(run: Path, results: dict) -> dict[str, Path]:
     out["families"] = plots / "families.png"
     fig.savefig(out["families"], dpi=110)
     plt.close(fig)
+
+    grpo = grpo_plot(plt, run, plots / "grpo.png")
+    if grpo is not None:
+        out["grpo"] = grpo
     return out
+
+
+# The GRPO stage's curves: (metric, title), under TRL's names (`rl.rollout_metrics`).
+GRPO_CURVES = (("reward", "reward (world checker) of rollouts"), ("kl", "KL(policy || SFT) per token (k3)"),
+               ("completion_length", "response length (tokens)"))
+
+
+def grpo_plot(plt, run: Path, path: Path) -> Path | None:
+    """Reward, KL and response length over the steps of RUN/grpo/metrics.jsonl; None when it has no rows."""
+    rows = read_metrics(run / "grpo" / "metrics.jsonl")
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(GRPO_CURVES), figsize=(15, 3.2))
+    for ax, (key, title) in zip(axes, GRPO_CURVES):
+        x, y = _series(rows, key)
+        ax.plot(x, y, marker="o" if len(x) < 12 else None, color=COLOURS["grpo"], alpha=0.5 if len(x) >= 20 else 1)
+        if len(x) >= 20:  # a batch holds few prompts: the mean over 10 steps shows the trend
+            ax.plot(x[9:], np.convolve(y, np.ones(10) / 10, mode="valid"), color=COLOURS["grpo"], label="mean of 10")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(x) -> str:
@@ -161,9 +195,14 @@ def markdown(run: Path, manifest: dict, results: dict, plots: dict[str, Path]) -
                              else "- | -")
                 lines.append(f"| {LABELS[m]} | {loss:.3f} | {loss - sft_loss:+.3f} | {acc_cells} |")
         lines.append("")
+    lines += capability_section(results, models)
     lines += ["## Per task family", "", f"![families]({plots['families'].relative_to(run)})", "",
               "## Training curves", "", f"![losses]({plots['losses'].relative_to(run)})", "",
-              f"![ppo]({plots['ppo'].relative_to(run)})", "", "## Sample responses (greedy, held-out prompts)", ""]
+              f"![ppo]({plots['ppo'].relative_to(run)})", ""]
+    if "grpo" in plots:
+        lines += ["GRPO on the capability families, rewarded by the world's checker:", "",
+                  f"![grpo]({plots['grpo'].relative_to(run)})", ""]
+    lines += ["## Sample responses (greedy, held-out prompts)", ""]
     seen = set()
     for s in results.get("samples", []):
         if s["family"] in seen:
@@ -173,6 +212,53 @@ def markdown(run: Path, manifest: dict, results: dict, plots: dict[str, Path]) -
         lines += quoted([("prompt", s["prompt"])] + [(LABELS[m], s.get(m, "")) for m in models])
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _rate(figure: dict | None) -> str:
+    """A rate and its 95% interval: "0.250 [0.12, 0.44]"."""
+    if not figure or figure.get("rate") is None:
+        return "-"
+    lo, hi = figure["ci95"]
+    return f"{figure['rate']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def capability_section(results: dict, models: list[str]) -> list[str]:
+    """Exact match per capability family (greedy replies, checked by the world's checker) and pass@k (sampled
+    replies) of every model, with 95% intervals; nothing when the evaluation has no such figures."""
+    rows = [m for m in models if results["models"][m].get("exact_match") is not None]
+    if not rows:
+        return []
+    about = results.get("capability") or {}
+    families = [f for f in about.get("families") or results["models"][rows[0]]["exact_match"]["per_family"]
+                if any(f in results["models"][m]["exact_match"]["per_family"] for m in rows)]
+    n = {f: max(results["models"][m]["exact_match"]["per_family"].get(f, {}).get("n", 0) for m in rows)
+         for f in families}
+    lines = ["## Capability families: exact match", "",
+             "Greedy replies to the held-out prompts of the families with one checkable answer, checked by the world's "
+             "checker (the reward of the GRPO stage). 95% Wilson intervals per family; the mean over families with a "
+             "95% percentile bootstrap interval (resampled within each family).", "",
+             "| model | " + " | ".join(f"{_plain(f)} (n={n[f]})" for f in families) + " | mean |",
+             "| --- |" + " --- |" * (len(families) + 1)]
+    for m in rows:
+        em = results["models"][m]["exact_match"]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(_rate(em["per_family"].get(f)) for f in families)
+                     + f" | {_rate(em['mean'])} |")
+    lines.append("")
+    passes = sorted({k for m in rows for k in (results["models"][m].get("pass_at_k") or {}) if k.startswith("pass@")},
+                    key=lambda k: int(k.removeprefix("pass@")))
+    setting = about.get("pass_at_k")
+    if passes and setting:
+        lines += ["## Capability families: pass@k", "",
+                  f"{setting['n']} replies sampled at temperature {setting['temperature']} to each of "
+                  f"{setting['prompts']} held-out prompts (the first {setting['per_family']} of each family), "
+                  "checked as above; the unbiased estimator of Chen et al. (2021), with 95% percentile bootstrap "
+                  "intervals over prompts.", "",
+                  "| model | " + " | ".join(passes) + " |", "| --- |" + " --- |" * len(passes)]
+        for m in rows:
+            pk = results["models"][m].get("pass_at_k") or {}
+            lines.append(f"| {LABELS[m]} | " + " | ".join(_rate(pk.get(k)) for k in passes) + " |")
+        lines.append("")
+    return lines
 
 
 def quoted(rows: list[tuple[str, str]]) -> list[str]:

@@ -30,6 +30,10 @@ FAMILIES: tuple[str, ...] = (
 HELD_OUT_FAMILIES: tuple[str, ...] = ("arithmetic", "reverse", "sort", "count", "uppercase", "repeat", "fact",
                                       "unknown")
 
+# Families whose every prompt has one checkable answer (`rewards.WorldChecker`): what RL with verifiable rewards
+# trains on and what exact-match and pass@k measure.
+CAPABILITY_FAMILIES: tuple[str, ...] = ("arithmetic", "reverse", "sort", "count", "uppercase", "repeat")
+
 REFUSAL = "I can't help with that."
 NOT_KNOWN = "I don't know. The world does not say."
 
