@@ -273,7 +273,8 @@ def ppo_step(run: Run, args: PPOArgs, t: TrainConfig) -> tuple[dict, list[dict]]
     G = cfg.group_size
     idx = [i for i in rank_rows(run.sampler.take(t.batch_size * W // G), rt) for _ in range(G)]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=cfg.temperature)
-    ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.stop_ids, tok.pad_id, run.generator, rt)
+    ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.stop_ids, tok.pad_id, run.generator, rt, G,
+                 cfg.shared_prefill)
     texts = [tok.decode(r) for r in ro.response_lists()]
     t_gen = time.time() - step_t0
     # 2. score: old and reference log-probabilities, values (gae), and the reward of each response

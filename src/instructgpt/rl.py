@@ -48,7 +48,7 @@ from .advantages import (
 from .batching import PretrainWindows, pad
 from .distributed import Runtime, all_ranks_finished, all_reduce, all_reduce_sums, rank_rows
 from .errors import UserError
-from .generate import SamplingParams, generate
+from .generate import Generation, SamplingParams, generate, generate_many
 from .lora import adapters_off
 from .losses import (
     compute_advantages,
@@ -92,6 +92,9 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; log-probabilities are taken at the same temperature
     estimator: Estimator = "gae"  # the advantage estimator (see `instructgpt.rl`); only gae trains a value model
     group_size: int = 1  # G: samples of each prompt, side by side in one batch; --batch-size counts samples
+    # G > 1 in one process: prefill each prompt once for its G samples (the continuous-batching engine), not G
+    # times (the static batch, which torchrun's ranks always use: they decode in step)
+    shared_prefill: bool = True
     # the KL to the reference: a penalty in the rewards, a k3 term in the loss, or none; auto: loss for grpo and
     # dr_grpo, reward for the others
     kl_mode: KLMode = "auto"
@@ -186,24 +189,56 @@ class GumbelPolicy(nn.Module):
 
 
 def rollout(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int | Sequence[int], pad_id: int,
-            generator: torch.Generator | None, runtime: Runtime | None = None) -> Rollout:
+            generator: torch.Generator | None, runtime: Runtime | None = None, group_size: int = 1,
+            shared_prefill: bool = True) -> Rollout:
     """1. Sample one response per prompt (lists of ids; a prompt given G times gets G samples) with the
-    generation engine, at params.temperature. Under torchrun the prompts are this rank's slice of the global
-    batch; generation runs until every rank's rows have ended, so a sharded policy runs its forwards in step
-    on every rank (invariant 12)."""
+    generation engine, at params.temperature. The rows of a group of `group_size` are side by side.
+
+    With G > 1 in one process (and `shared_prefill`), the continuous-batching engine prefills each prompt
+    once and decodes its G samples from copies of its keys and values (`sample_groups`): G times fewer
+    prompt tokens through the model. Otherwise one static batch (`sample_static`), whose rows' samples depend
+    on their place in the global batch only: under torchrun the prompts are this rank's slice of it, and
+    generation runs until every rank's rows have ended, so a sharded policy runs its forwards in step on
+    every rank (invariant 12). The Rollout has the same layout either way."""
     if params.temperature <= 0 or params.top_k or params.top_p < 1:
         raise ValueError("rollouts sample from the whole distribution at a positive temperature (no top-k, top-p)")
+    distributed = runtime is not None and runtime.distributed
+    if shared_prefill and group_size > 1 and not distributed:
+        gen = sample_groups(policy, prompt_ids, params, eos_id, pad_id, generator, group_size)
+    else:
+        gen = sample_static(policy, prompt_ids, params, eos_id, pad_id, generator, runtime)
+    device = next(policy.parameters()).device
+    prompt, prompt_mask = (t.to(device) for t in pad(prompt_ids, pad_id, "left"))  # (B, P) each
+    tokens, lengths = gen.tokens.to(device), gen.lengths.to(device)  # (B, R), (B,)
+    resp_mask = (torch.arange(tokens.size(1), device=device)[None] < lengths[:, None]).long()  # (B, R)
+    ids = torch.cat([prompt, tokens], 1)  # (B, P + R)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    return Rollout(ids, mask, resp_mask, gen.ended.to(device), prompt.size(1))
+
+
+def sample_static(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int | Sequence[int],
+                  pad_id: int, generator: torch.Generator | None, runtime: Runtime | None = None) -> Generation:
+    """The B responses (B, R) of one static batch: greedy decoding of GumbelPolicy, whose noise for a row is
+    drawn at its place in the global batch of every rank; every prompt prefilled, G times for a group."""
     rank, world_size = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
     sampler = GumbelPolicy(policy, params.temperature, generator, rank, world_size)
     all_finished = all_ranks_finished(runtime) if runtime is not None else None
-    gen = generate(sampler, prompt_ids, replace(params, temperature=0.0), eos_id, pad_id, all_finished=all_finished)
-    device = gen.tokens.device
-    prompt, prompt_mask = (t.to(device) for t in pad(prompt_ids, pad_id, "left"))  # (B, P) each
-    R = gen.tokens.size(1)
-    resp_mask = (torch.arange(R, device=device)[None] < gen.lengths[:, None]).long()  # (B, R)
-    ids = torch.cat([prompt, gen.tokens], 1)  # (B, P + R)
-    mask = torch.cat([prompt_mask, resp_mask], 1)
-    return Rollout(ids, mask, resp_mask, gen.ended, prompt.size(1))
+    return generate(sampler, prompt_ids, replace(params, temperature=0.0), eos_id, pad_id, all_finished=all_finished)
+
+
+def sample_groups(policy: GPT, prompt_ids: list[list[int]], params: SamplingParams, eos_id: int | Sequence[int],
+                  pad_id: int, generator: torch.Generator | None, group_size: int) -> Generation:
+    """The B responses (B, R) of B / G groups of G rows that share a prompt, with the continuous-batching
+    engine: each prompt prefilled once, its G samples decoded from copies of its cache, all B rows at once.
+    Group i draws from its own generator, seeded with the i-th of B / G seeds drawn from `generator` (so
+    `generator` advances by the same draws whatever the samples, and a resumed run finds the same state)."""
+    B, G = len(prompt_ids), group_size
+    if B % G:
+        raise ValueError(f"{B} rollout prompts do not split into groups of {G}")
+    firsts = [list(prompt_ids[i]) for i in range(0, B, G)]
+    if any(list(p) != firsts[i // G] for i, p in enumerate(prompt_ids)):
+        raise ValueError(f"the {G} rows of a group must hold the same prompt, side by side")
+    return generate_many(policy, firsts, params, eos_id, pad_id, max_batch=B, n=G, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------
