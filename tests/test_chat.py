@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instructgpt.chat import render, render_prompt, render_response
+from instructgpt.chat import TextStream, render, render_prompt, render_response, reply_text, unended_response
 from instructgpt.errors import UserError
 from instructgpt.tokenizer import Tokenizer
 
@@ -77,7 +77,7 @@ def test_mask_is_exactly_the_assistant_replies(bpe: Tokenizer, conversation) -> 
     ids, mask = render(bpe, conversation)
     expected = [0]
     for m in conversation:
-        n = len(bpe.encode(m["content"])) + 1
+        n = len(bpe.encode(" " + m["content"])) + 1  # the format's space after the role token, then the eos
         expected += [0] + [int(m["role"] == "assistant")] * n
     assert mask == expected
     replies = [m["content"] for m in conversation if m["role"] == "assistant"]
@@ -108,3 +108,36 @@ def test_prompt_must_end_with_user(abc: Tokenizer) -> None:
         render_prompt(abc, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     with pytest.raises(UserError, match="response must be a string"):
         render_response(abc, ["a"])
+
+
+def test_space_after_role_puts_a_reply_first_word_as_in_running_text(bpe: Tokenizer, tmp_path) -> None:
+    """A trained BPE writes <|role|> " " content: the reply's first word is the token it is after a space in the
+    corpus, and its text (`reply_text`, the streamed text) drops that one space; an old tokenizer (no flag) keeps
+    its format."""
+    assert bpe.space_after_role and not Tokenizer.train_char(["abc"]).space_after_role
+    hello = bpe.encode(" How")
+    assert len(hello) == 1 and hello != bpe.encode("How")  # the corpus form is one token, the bare form is not
+    assert render_response(bpe, "How") == hello + [bpe.eos_id]
+    assert unended_response(bpe, "How") == hello
+    ids, mask = render(bpe, [{"role": "user", "content": "fine"}, {"role": "assistant", "content": "How"}])
+    assert ids == [bpe.bos_id, bpe.user_id, *bpe.encode(" fine"), bpe.eos_id, bpe.assistant_id, *hello, bpe.eos_id]
+    assert reply_text(bpe, hello + [bpe.eos_id]) == "How"
+    assert reply_text(bpe, bpe.encode("  two")) == " two"  # only the format's one space goes
+    stream = TextStream(bpe, reply=True)
+    text = "".join(stream.push(t)[0] for t in bpe.encode(" Hello! How are you?"))
+    assert text == stream.text == "Hello! How are you?"
+    plain = TextStream(bpe)  # a completion's text keeps its spaces
+    assert "".join(plain.push(t)[0] for t in bpe.encode(" Hello")) == " Hello"
+
+    bpe.save(tmp_path / "new")
+    assert Tokenizer.load(tmp_path / "new").space_after_role
+    old = Tokenizer(Tokenizer.load(tmp_path / "new")._tok)  # as a tokenizer saved before the flag loads
+    (tmp_path / "old").mkdir()
+    old.save(tmp_path / "old")
+    old = Tokenizer.load(tmp_path / "old")
+    assert not old.space_after_role and not (tmp_path / "old" / "tokenizer_config.json").exists()
+    assert render_response(old, "Hello") == old.encode("Hello") + [old.eos_id]
+    assert reply_text(old, old.encode(" Hello")) == " Hello"
+    (tmp_path / "new" / "tokenizer_config.json").write_text('{"space_after_role": "yes"}')
+    with pytest.raises(UserError, match=r"tokenizer_config.json: space_after_role must be true or false"):
+        Tokenizer.load(tmp_path / "new")

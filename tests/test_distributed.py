@@ -86,11 +86,20 @@ def assert_same_trajectory(one: Path, two: Path, keys: tuple[str, ...]) -> None:
                 assert abs(ra[k] - rb[k]) <= TOL * max(1.0, abs(ra[k])), (k, ra, rb)
 
 
-def assert_close_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
+def assert_close_weights(one: Path, two: Path, atol: float = 1e-5, loose: dict[str, float] | None = None,
+                         stray: float = 0.0) -> None:
+    """Every tensor within atol, except those `loose` names with their own tolerance; with `stray`, at most one
+    element in a thousand of a tensor may differ by up to `stray` instead. (Adam divides a gradient by its own
+    running size, so an element whose gradient is rounding noise moves by an lr-sized step of random sign: two
+    summation orders then disagree there by far more than elsewhere.)"""
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        tol = (loose or {}).get(k, atol)
+        diff = (a[k] - b[k]).abs()
+        if stray and (diff > tol).float().mean() <= 1e-3:
+            tol = max(tol, stray)
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def stop_after_checkpoint(run: Path, copy: Path, step: int) -> None:
@@ -143,14 +152,17 @@ def test_reward_model_and_dpo_on_two_ranks_match_one_process(tmp_path: Path) -> 
     assert_same_trajectory(tmp_path / "rm1", tmp_path / "rm2",
                            ("loss", "accuracy", "grad_norm", "prompts", "val_accuracy", "val_loss"))
     # The ranking loss ignores a shift of every reward, so the final norm's bias gets a gradient of pure
-    # rounding noise, which Adam scales up to lr-sized steps: that tensor agrees to about lr / 10 only.
-    assert_close_weights(tmp_path / "rm1", tmp_path / "rm2", atol=1e-4)
+    # rounding noise, which Adam scales up to lr-sized steps: that tensor agrees to about lr / 10 only, and the
+    # score head's bias, set after training so that the demonstrations score 0 on average, carries that noise
+    # through the head's weights (about 2e-4 here).
+    assert_close_weights(tmp_path / "rm1", tmp_path / "rm2", atol=1e-4,
+                         loose={"transformer.ln_f.bias": 3e-4, "score_head.bias": 1e-3})
 
     call(dpo_command, init=run["sft"], data=[run["rankings"]], out=tmp_path / "dpo1", batch_size=8, **common)
     torchrun("dpo", *flags(init=run["sft"], data=[run["rankings"]], out=tmp_path / "dpo2", batch_size=4, **common))
     assert_same_trajectory(tmp_path / "dpo1", tmp_path / "dpo2",
                            ("loss", "grad_norm", "pairs", "rewards/chosen", "rewards/margins", "eval/loss"))
-    assert_close_weights(tmp_path / "dpo1", tmp_path / "dpo2")
+    assert_close_weights(tmp_path / "dpo1", tmp_path / "dpo2", stray=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------

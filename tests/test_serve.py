@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import uvicorn
 
-from instructgpt.chat import TextStream, render, render_prompt
+from instructgpt.chat import TextStream, render, render_prompt, reply_text
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig
@@ -97,10 +97,13 @@ def ref(model_dir):
     tok = Tokenizer.load(model_dir / "tokenizer.json")
     model = load_model(model_dir).eval()
 
-    def alone(ids, max_new=40):
+    def alone(ids, max_new=40, chat=True):
+        """(text, tokens, ended) of the greedy continuation of `ids`: a chat reply's text (`reply_text`) unless
+        `chat` is False (a completion's text, every character of it)."""
         gen = generate(model, [ids], SamplingParams(max_new_tokens=max_new, temperature=0), tok.eos_id, tok.pad_id)
         n = int(gen.lengths[0])
-        return tok.decode(gen.tokens[0, :n].tolist()), n, bool(gen.ended[0])
+        out = gen.tokens[0, :n].tolist()
+        return reply_text(tok, out) if chat else tok.decode(out), n, bool(gen.ended[0])
 
     return tok, alone
 
@@ -143,7 +146,7 @@ def test_openai_client_completion(client, ref):
     tok, alone = ref
     r = client.completions.create(model="tiny", prompt="the cat", temperature=0, max_tokens=6)
     ids = [tok.bos_id] + tok.encode("the cat")
-    text, n, ended = alone(ids, max_new=6)
+    text, n, ended = alone(ids, max_new=6, chat=False)
     assert r.choices[0].text == text
     assert r.choices[0].finish_reason == ("stop" if ended else "length")
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
@@ -318,7 +321,7 @@ def test_completions_with_a_list_of_prompts(server, ref):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
     for k, prompt in enumerate(body["prompt"]):
-        text, _, _ = alone([tok.bos_id] + tok.encode(prompt), max_new=5)
+        text, _, _ = alone([tok.bos_id] + tok.encode(prompt), max_new=5, chat=False)
         assert r["choices"][2 * k]["text"] == r["choices"][2 * k + 1]["text"] == text
     assert r["usage"]["prompt_tokens"] == sum(1 + len(tok.encode(p)) for p in body["prompt"])
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from instructgpt.chat import BUILTIN_TEMPLATE, render, render_prompt, render_response
+from instructgpt.chat import (
+    BUILTIN_TEMPLATE,
+    BUILTIN_TEMPLATE_SPACED,
+    builtin_template,
+    render,
+    render_prompt,
+    render_response,
+)
 from instructgpt.errors import UserError
 from instructgpt.template import render_ids
 from instructgpt.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -40,10 +47,14 @@ def as_template(tok: Tokenizer, source: str) -> Tokenizer:
     return Tokenizer(tok._tok, OURS, source)
 
 
+@pytest.mark.parametrize("space", [True, False], ids=["space-after-role", "no-space"])
 @pytest.mark.parametrize("markers", [True, False], ids=["generation-markers", "prefixes"])
-def test_our_template_as_jinja_gives_the_built_in_renderers_ids_and_mask(ours, markers):
-    source = BUILTIN_TEMPLATE if markers else BUILTIN_TEMPLATE.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", "")
+def test_our_template_as_jinja_gives_the_built_in_renderers_ids_and_mask(ours, markers, space):
+    ours = ours if space else Tokenizer(ours._tok)  # a tokenizer saved before space_after_role
+    assert builtin_template(ours) == (BUILTIN_TEMPLATE_SPACED if space else BUILTIN_TEMPLATE)
+    source = builtin_template(ours)
+    if not markers:
+        source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     jinja = as_template(ours, source)
     for msgs in conversations(random.Random(0), 40):
         msgs = [{**m, "content": m["content"].replace("<|eos|>", "eos")} for m in msgs]  # refused: see below

@@ -5,11 +5,13 @@ functions, so training and inference see the same ids for the same conversation 
 
 Format, in token ids:
 
-    <|bos|>  then, per message:  <|role|> encode(content) <|eos|>
+    <|bos|>  then, per message:  <|role|> encode(" " + content) <|eos|>
 
-with role one of system, user, assistant. The tokens of each assistant reply and the <|eos|> that ends
-it are the trained labels (loss mask 1): the model learns to stop (invariant 1). Each message's content
-is encoded on its own, never across a special token, so
+with role one of system, user, assistant, and the space only for a tokenizer with `space_after_role` (every BPE
+trained here: a reply's first word is then the token pretraining saw after a space; see `tokenizer`). A reply's
+text is its tokens decoded, less that one leading space (`reply_text`). The tokens of each assistant reply and
+the <|eos|> that ends it are the trained labels (loss mask 1): the model learns to stop (invariant 1). Each
+message's content is encoded on its own, never across a special token, so
 
     render(prefix + [reply])[0] == render_prompt(prefix) + render_response(reply)
 
@@ -39,6 +41,19 @@ BUILTIN_TEMPLATE = (
     "{% else %}{{ message['content'] + '<|eos|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+# The same with a space after each role token (a tokenizer with space_after_role); the space is the reply's own
+# first character, inside the generation markers, as the model generates it.
+BUILTIN_TEMPLATE_SPACED = BUILTIN_TEMPLATE.replace("{{ message['content'] + '<|eos|>' }}",
+                                                   "{{ ' ' + message['content'] + '<|eos|>' }}")
+
+
+def builtin_template(tok: Tokenizer) -> str:
+    """The built-in format of `tok` as a Jinja chat template (what export-hf writes)."""
+    return BUILTIN_TEMPLATE_SPACED if tok.space_after_role else BUILTIN_TEMPLATE
+
+
+def _content_ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(" " + text if tok.space_after_role else text)
 
 
 def _check(messages: list[dict]) -> None:
@@ -72,7 +87,7 @@ def render(
         return template.render_ids(tok, messages)
     ids, mask = [tok.bos_id], [0]
     for m in messages:
-        content = tok.encode(m["content"]) + [tok.eos_id]
+        content = _content_ids(tok, m["content"]) + [tok.eos_id]
         trained = 1 if m["role"] == "assistant" else 0
         ids += [_role_id(tok, m["role"])] + content
         mask += [0] + [trained] * len(content)
@@ -97,7 +112,21 @@ def render_response(tok: Tokenizer, response: str) -> list[int]:
         raise UserError(f"a response must be a string, got {type(response).__name__}")
     if tok.chat_template is not None:
         return template.response_ids(tok, response)
-    return tok.encode(response) + [tok.eos_id]
+    return _content_ids(tok, response) + [tok.eos_id]
+
+
+def unended_response(tok: Tokenizer, response: str) -> list[int]:
+    """Ids of a reply that was cut off before its end token: render_response without the end."""
+    if tok.chat_template is not None:
+        return tok.encode(response)
+    return _content_ids(tok, response)
+
+
+def reply_text(tok: Tokenizer, ids) -> str:
+    """The text of a generated reply's ids (special tokens dropped): their decoding, less the space the format
+    puts before a reply (`space_after_role`)."""
+    text = tok.decode(ids)
+    return text[1:] if tok.space_after_role and tok.chat_template is None and text.startswith(" ") else text
 
 
 FEW_SHOT = [
@@ -127,7 +156,7 @@ def replies(model, tok: Tokenizer, prompts, few_shot: bool, max_new_tokens: int,
         ids = [i[-(block - max_new_tokens):] for i in ids]
         gen = generate(model, ids, params, tok.stop_ids, tok.pad_id, start_id=tok.bos_id)
         for toks, ended in zip(gen.token_lists(), gen.ended.tolist()):
-            text = tok.decode(toks)
+            text = tok.decode(toks) if few_shot else reply_text(tok, toks)
             if few_shot:
                 cut = text.find("\n")
                 ended = cut >= 0
@@ -160,8 +189,10 @@ class TextStream:
 
     max_window = 64  # tokens a window may hold without a clean end before it restarts
 
-    def __init__(self, tok: Tokenizer, stop: Iterable[str] = ()):
+    def __init__(self, tok: Tokenizer, stop: Iterable[str] = (), reply: bool = False):
+        """`reply`: the ids are a chat reply, whose first space is the format's (`reply_text`), not text."""
         self.tok = tok
+        self._lead = reply and tok.space_after_role and tok.chat_template is None  # a leading space to drop
         self.stop = [s for s in stop if s]
         self._fail = [self._failure(s) for s in self.stop]
         self._match = [0] * len(self.stop)  # per stop string: its characters that end the text so far
@@ -221,6 +252,7 @@ class TextStream:
     def _add(self, new: str) -> None:
         """Append final text, stepping every stop string's automaton over the new characters; the first
         stop string found (the one that starts first) sets the cut."""
+        new = self._unlead(new)
         start = self._length
         self._pieces.append(new)
         self._length += len(new)
@@ -240,6 +272,13 @@ class TextStream:
         if found and self._cut is None:
             self._cut = min(found)
 
+    def _unlead(self, new: str) -> str:
+        """`new` less the reply's leading space, if it is the reply's first text."""
+        if self._lead and new:
+            self._lead = False
+            return new[1:] if new.startswith(" ") else new
+        return new
+
     @staticmethod
     def _failure(s: str) -> list[int]:
         """KMP's table: fail[i] = length of the longest proper prefix of s[: i + 1] that is also its suffix."""
@@ -257,7 +296,7 @@ class TextStream:
         if self._cut is None and self.ids:  # flush what the window still holds (an unfinished character)
             window = self.tok.decode(self.ids[self._p :])
             if len(window) > self._used:
-                rest = window[self._used :]
+                rest = self._unlead(window[self._used :])
                 self._pieces.append(rest)
                 self._length += len(rest)
                 self._unsent += rest

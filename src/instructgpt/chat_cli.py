@@ -142,7 +142,7 @@ def _reply(model, tok, prompt: Sequence[int], params: SamplingParams, console: C
         top_k=params.top_k,
         top_p=params.top_p,
     )
-    out = TextStream(tok)
+    out = TextStream(tok, reply=True)
     console.print("[bold cyan]assistant>[/bold cyan] ", end="")
     try:
         for token, _, _ in stream(model, [prompt], step, tok.stop_ids, tok.pad_id, generator, start_id=tok.bos_id):

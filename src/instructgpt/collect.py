@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .chat import render_prompt
+from .chat import render_prompt, reply_text
 from .checkpoint import atomic_write, load_model, write_json_atomic
 from .data import Prompt, read_prompts, write_jsonl
 from .distributed import resolve_device
@@ -48,7 +48,8 @@ def sample_batches(model, tok: Tokenizer, rows: list[tuple[int, list[int]]], par
         chunk = rows[s:s + batch_size]
         gen = generate(model, [ids for _, ids in chunk], params, tok.stop_ids, tok.pad_id, generator,
                        start_id=tok.bos_id)
-        yield [(i, tok.decode(ids), ended) for (i, _), ids, ended in zip(chunk, gen.token_lists(), gen.ended.tolist())]
+        yield [(i, reply_text(tok, ids), ended)
+               for (i, _), ids, ended in zip(chunk, gen.token_lists(), gen.ended.tolist())]
 
 
 def reply_rows(tok: Tokenizer, prompts: list[Prompt], k: list[int]) -> list[tuple[int, list[int]]]:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import finetune, train
 from .batching import IGNORE, EpochSampler, pad_labelled
-from .chat import render_prompt, render_response
+from .chat import render_prompt, render_response, unended_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import ended_flags, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows, shard_model
@@ -47,7 +47,7 @@ def encode(tok: Tokenizer, prompt: list[dict], response: str, max_length: int,
     """(input ids, labels) with labels only on the response and its end token (when the reply ended);
     the prompt loses its oldest tokens if the whole does not fit in max_length inputs."""
     p = render_prompt(tok, prompt)
-    r = render_response(tok, response) if ended else tok.encode(response)
+    r = render_response(tok, response) if ended else unended_response(tok, response)
     if not r:
         raise UserError("a DPO response must have at least one token")
     ids = (p + r)[-(max_length + 1):]

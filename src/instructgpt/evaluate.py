@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import IGNORE, pad_labelled, prefix_lm_batch
-from .chat import few_shot_prompt, render_prompt, replies
+from .chat import few_shot_prompt, render_prompt, replies, reply_text
 from .checkpoint import DONE, load_model, read_config, write_json_atomic
 from .data import read_prompts
 from .distributed import resolve_device
@@ -240,7 +240,8 @@ def sampled_replies(model, tok: Tokenizer, prompts: list, few_shot: bool, max_ne
     gen = generate_many(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0), tok.stop_ids,
                         tok.pad_id, max_batch=max(batch_size, n), n=n, generator=torch.Generator().manual_seed(seed),
                         start_id=tok.bos_id)
-    texts = [tok.decode(t) for t in gen.token_lists()]  # (len(prompts) * n), a prompt's n side by side
+    # (len(prompts) * n), a prompt's n side by side
+    texts = [tok.decode(t) if few_shot else reply_text(tok, t) for t in gen.token_lists()]
     texts = [(t.split("\n", 1)[0] if few_shot else t).strip() for t in texts]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from .chat import BUILTIN_TEMPLATE
+from .chat import BUILTIN_TEMPLATE, BUILTIN_TEMPLATE_SPACED
 from .checkpoint import atomic_write, load_state_dict, save_model
 from .errors import UserError
 from .model import ModelConfig, build_model
@@ -337,14 +337,15 @@ def import_tokenizer(source, files: dict[str, str]) -> tuple[Tokenizer, int, lis
     size = raw.get_vocab_size(with_added_tokens=True)
     template = files.get("chat_template.jinja")
     has_ours = all(raw.token_to_id(t) is not None for t in SPECIAL_TOKENS)
-    if template is not None and not (has_ours and template == BUILTIN_TEMPLATE):
+    if template is not None and not (has_ours and template in (BUILTIN_TEMPLATE, BUILTIN_TEMPLATE_SPACED)):
         config, generation = (_json_file(files, name, source) for name in ("tokenizer_config.json",
                                                                           "generation_config.json"))
         stop = generation.get("eos_token_id", [])
         return Tokenizer(raw, config, template, [stop] if isinstance(stop, int) else stop), size, []
     missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return Tokenizer(raw), size, [raw.token_to_id(t) for t in missing]
+    tok = Tokenizer(raw, space_after_role=template == BUILTIN_TEMPLATE_SPACED)
+    return tok, size, [raw.token_to_id(t) for t in missing]
 
 
 def _json_file(files: dict[str, str], name: str, source) -> dict:

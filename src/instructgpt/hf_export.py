@@ -4,7 +4,7 @@ custom code: GPT-2 style models as GPT2*, Llama style as Llama* (Qwen2* when the
 biases, Qwen3* with qk_norm). The vocabulary is unpadded to `vocab_size`.
 
 A model with the built-in chat format gets it as a Jinja template with `{% generation %}` markers
-(`chat.BUILTIN_TEMPLATE`), so other tools can mask the assistant's tokens; an imported model keeps its own
+(`chat.builtin_template`), so other tools can mask the assistant's tokens; an imported model keeps its own
 tokenizer files and template.
 
 A stage trained with LoRA exports as its merged model (the default), or with `--adapter` as what PEFT users
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .chat import BUILTIN_TEMPLATE
+from .chat import builtin_template
 from .checkpoint import CONFIG, WEIGHTS, atomic_write, load_model, read_config
 from .errors import UserError
 from .finetune import ADAPTER
@@ -141,7 +141,7 @@ def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", **names, "additional_special_tokens": extra,
         "model_max_length": cfg.block_size, "padding_side": "left", "clean_up_tokenization_spaces": False,
-        "add_bos_token": False, "add_eos_token": False, "chat_template": BUILTIN_TEMPLATE,
+        "add_bos_token": False, "add_eos_token": False, "chat_template": builtin_template(tok),
     }
     return {"tokenizer_config.json": tokenizer_config,
             "special_tokens_map.json": {**names, "additional_special_tokens": extra},

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from . import finetune, train
 from .batching import EpochSampler, PretrainWindows
-from .chat import render_prompt
+from .chat import render_prompt, reply_text
 from .checkpoint import Checkpointer, check_out, load_model, read_config, write_done, writing
 from .data import read_prompts
 from .distributed import Runtime, prepare_model, rank_rows, shard_model
@@ -275,7 +275,7 @@ def ppo_step(run: Run, args: PPOArgs, t: TrainConfig) -> tuple[dict, list[dict]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=cfg.temperature)
     ro = rollout(pol, [run.prompt_ids[i] for i in idx], params, tok.stop_ids, tok.pad_id, run.generator, rt, G,
                  cfg.shared_prefill)
-    texts = [tok.decode(r) for r in ro.response_lists()]
+    texts = [reply_text(tok, r) for r in ro.response_lists()]
     t_gen = time.time() - step_t0
     # 2. score: old and reference log-probabilities, values (gae), and the reward of each response
     scored = score_rollout(ro, pol, run.ref, run.models.get("value"), run.rm, rt, cfg.temperature)

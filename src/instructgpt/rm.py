@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from . import finetune, train
 from .batching import EpochSampler, pad
-from .chat import render_prompt, render_response
+from .chat import render_prompt, render_response, unended_response
 from .checkpoint import Checkpointer, check_out, load_model, read_config, read_done, write_done, writing
 from .data import Comparison, ended_flags, read_examples, read_rankings, split_comparisons
 from .distributed import Runtime, all_reduce_sums, prepare_model, rank_rows
@@ -56,7 +56,7 @@ def encode_pair(tok: Tokenizer, prompt_messages: list[dict], response: str, max_
     """Prompt + response ids as the chat template renders them (the end token only if the reply ended);
     a prompt too long for the context loses its oldest tokens (the response and its end are kept, since
     the score is read there)."""
-    reply = render_response(tok, response) if ended else tok.encode(response)
+    reply = render_response(tok, response) if ended else unended_response(tok, response)
     ids = render_prompt(tok, prompt_messages) + reply
     return ids[-max_length:]
 

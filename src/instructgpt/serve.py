@@ -115,6 +115,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client went away; its rows stop counting
     logprobs: bool = False  # the client wants each token's log-probability
+    chat: bool = False  # a chat reply (rendered prompt): its text drops the format's leading space
     open_rows: int = 0  # choices not yet finished (model thread)
     request: engine_lib.Request | None = None  # the continuous engine's handle of this job
 
@@ -134,7 +135,7 @@ class Row:
 
     def __init__(self, job: Job, index: int, tok: Tokenizer):
         self.job, self.index, self.tok = job, index, tok
-        self.text = TextStream(tok, job.stop)
+        self.text = TextStream(tok, job.stop, reply=job.chat)
         self.logprobs: list | None = [] if job.logprobs else None  # since the last delta
         self.done = False
 
@@ -233,7 +234,7 @@ class Batcher:
         self._executor.shutdown(wait=False)
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int, stop: list[str],
-               logprobs: bool = False) -> list[Job]:
+               logprobs: bool = False, chat: bool = False) -> list[Job]:
         """Queue one job per prompt, or none: a 503 when the rows would pass `max_queued_rows`."""
         if self.queue is None or not self.alive:
             raise APIError("the model loop is not running", status=503, type="server_error")
@@ -245,7 +246,7 @@ class Batcher:
         if pending == 0:
             self.busy_since = time.monotonic()
         loop = asyncio.get_running_loop()
-        jobs = [Job(p, sp, n, stop, loop, logprobs=logprobs) for p, sp in zip(prompts, params)]
+        jobs = [Job(p, sp, n, stop, loop, logprobs=logprobs, chat=chat) for p, sp in zip(prompts, params)]
         for job in jobs:
             self.live.add(job)
             if self.engine is not None:
@@ -510,7 +511,7 @@ def create_app(model: torch.nn.Module, tok: Tokenizer, config: ServerConfig | No
         params = [sampling_params(req, len(p), batcher.context, batcher.fits, batcher.seq2seq) for p in prompts]
         logprobs = bool(req.logprobs) if chat else req.logprobs is not None
         stop = stop_list(req, config.max_stop, config.max_stop_chars, config.max_stop_total)
-        jobs = batcher.submit(prompts, params, req.n, stop, logprobs)
+        jobs = batcher.submit(prompts, params, req.n, stop, logprobs, chat)
         app.state.requests += 1
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": config.model_name}

@@ -13,6 +13,13 @@ from the model type stored there, BPE -> "bpe", WordLevel -> "char".
 The six special tokens have ids 0..5. They are only ever produced by code that asks for them by id
 (the chat renderer): `encode` of plain text never yields them, even when the text contains "<|eos|>".
 
+A BPE trained here puts a space between a message's role token and its content (`space_after_role`, saved in
+tokenizer_config.json): byte-level BPE tokenizes a word after a space differently from the same word at the start
+of a text, and in the pretraining corpus nearly every word follows a space. With the space, a reply's first word
+is the token the model read in pretraining (" nworb", " 43") rather than a rarer split ("n", "wor", "b"), so what
+pretraining taught carries over to replies. Tokenizers saved without the flag keep the format they were trained
+with.
+
 An imported model keeps its own tokenizer and chat template instead (nothing is added to its vocabulary).
 Its special tokens are then named by Hugging Face's files beside tokenizer.json, which `load` reads and
 `save` writes: tokenizer_config.json (bos_token, eos_token, pad_token, add_bos_token), chat_template.jinja
@@ -47,10 +54,11 @@ class Tokenizer:
     """Encode text to token ids and back; knows the ids of the special tokens."""
 
     def __init__(self, tok: tokenizers.Tokenizer, config: dict | None = None, chat_template: str | None = None,
-                 stop_ids: Sequence[int] = ()):
+                 stop_ids: Sequence[int] = (), space_after_role: bool = False):
         """`tok` with our six special tokens (the built-in chat format), or a model's own tokenizer with its
         `config` (tokenizer_config.json's fields: eos_token at least) and `chat_template` (Jinja source).
-        `stop_ids`: more ids that end a reply besides the end-of-text token (generation_config's)."""
+        `stop_ids`: more ids that end a reply besides the end-of-text token (generation_config's).
+        `space_after_role`: the built-in format writes each message as <|role|> + " " + content (see above)."""
         model_type = type(tok.model).__name__
         if model_type == "BPE":
             self.kind = "bpe"
@@ -60,6 +68,7 @@ class Tokenizer:
             raise UserError(f"unsupported tokenizer model {model_type!r}: expected BPE or WordLevel (char)")
         self.config = dict(config or {})
         self.chat_template = chat_template
+        self.space_after_role = bool(space_after_role)
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         self.builtin = not missing  # our own special tokens: the built-in chat format can be used
         if missing and chat_template is None:
@@ -126,7 +135,7 @@ class Tokenizer:
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
-        return cls(tok)
+        return cls(tok, space_after_role=True)
 
     @classmethod
     def train_char(cls, texts: Iterable[str]) -> Tokenizer:
@@ -170,7 +179,10 @@ class Tokenizer:
         if not isinstance(stop, list) or not all(isinstance(i, int) for i in stop):
             raise UserError(f"{folder / GENERATION_FILE}: eos_token_id must be an id or a list of ids, "
                             f"got {stop!r:.60}")
-        return cls(tok, config, template, stop)
+        space = config.get("space_after_role", False)
+        if not isinstance(space, bool):
+            raise UserError(f"{folder / CONFIG_FILE}: space_after_role must be true or false, got {space!r:.60}")
+        return cls(tok, config, template, stop, space)
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json atomically; `path` is a folder, or a file name ending in .json. A model's own
@@ -187,6 +199,8 @@ class Tokenizer:
                 gen = _json_object(file.parent / GENERATION_FILE)
                 gen["eos_token_id"] = list(self.stop_ids)
                 _write_atomic(file.parent / GENERATION_FILE, json.dumps(gen, indent=2) + "\n")
+        elif self.space_after_role:
+            _write_atomic(file.parent / CONFIG_FILE, json.dumps({"space_after_role": True}, indent=2) + "\n")
         return file
 
     # -- encoding -------------------------------------------------------------------------------
@@ -309,7 +323,7 @@ class Tokenizer:
         return frozenset(self._special_ids.values()) if self.builtin else frozenset()
 
     def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, space_after_role={self.space_after_role})"
 
 
 def _json_object(file: Path) -> dict:
