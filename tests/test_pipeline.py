@@ -371,3 +371,16 @@ def test_a_pipeline_killed_at_a_random_moment_ends_with_the_files_of_an_uninterr
     assert same_files(run, out) == [], f"killed {delay:.2f} s into {stage} (seed {seed})"
     assert all((out / stage / "model.safetensors").is_file() for stage in pipeline.MODEL_STAGES)
     shutil.rmtree(out)
+
+
+def test_leftovers_of_a_killed_attempt_are_removed_and_nothing_else(tmp_path):
+    """`world` and `prepare` build under a temporary name: a SIGKILL leaves that folder, which the next attempt
+    removes with the stage's own folder, and only those."""
+    for name in ["data", "data.tmp-r7a_e6r1", ".world.x1y2", "world", "database", "data2", "world.json"]:
+        (tmp_path / name).mkdir() if "." not in name or "tmp" in name or name.startswith(".") else (
+            (tmp_path / name).write_text("{}"))
+        if (tmp_path / name).is_dir():
+            (tmp_path / name / "tokenizer.json").write_text("{}")
+    pipeline.remove_leftovers(tmp_path / "data")
+    pipeline.remove_leftovers(tmp_path / "world")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data2", "database", "world.json"]

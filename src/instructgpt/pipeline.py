@@ -307,16 +307,22 @@ def capability_prompts(source: Path, out: Path) -> Path:
     return out
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Remove `folder` and the temporary folders beside it that an attempt killed mid-way left (`world` and
+    `prepare` build their folder under a temporary name and rename it at the end)."""
+    for stale in [folder, *folder.parent.glob(f".{folder.name}.*"), *folder.parent.glob(f"{folder.name}.tmp-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+
+
 def make_world(world: Path, seed: int, demo_habits: bool, p: dict) -> None:
-    if world.exists():
-        shutil.rmtree(world)  # an earlier attempt stopped mid-way (no done marker)
+    remove_leftovers(world)  # an earlier attempt stopped mid-way (no done marker)
     world_command(out=world, seed=seed, demo_habits=demo_habits, **p["world"])
     write_json_atomic(world / DONE, {"seed": seed, "demo_habits": demo_habits})
 
 
 def prepare_data(run: Path, world: Path, data: Path, seed: int, p: dict) -> None:
-    if data.exists():
-        shutil.rmtree(data)
+    remove_leftovers(data)
     prepare_command(inputs=[world / "corpus.txt"], out=data, tokenizer="bpe", vocab_size=p["vocab_size"], seed=seed)
     Tokenizer.load(data).save(run / "tokenizer")  # with the chat format's settings beside it
 
