@@ -213,7 +213,7 @@ def nanogpt_full_val_loss(nanogpt: Path, ckpt_file: Path, val_file: Path) -> tup
     spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    ckpt = torch.load(ckpt_file, map_location="cpu")
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)  # tensors and plain values only
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints its parameter count
         model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
