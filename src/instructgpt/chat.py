@@ -52,6 +52,11 @@ def builtin_template(tok: Tokenizer) -> str:
     return BUILTIN_TEMPLATE_SPACED if tok.space_after_role else BUILTIN_TEMPLATE
 
 
+def _reply_space(tok: Tokenizer) -> bool:
+    """The built-in format puts a space before each reply (a tokenizer with space_after_role and no template)."""
+    return tok.space_after_role and tok.chat_template is None
+
+
 def _content_ids(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(" " + text if tok.space_after_role else text)
 
@@ -126,7 +131,7 @@ def reply_text(tok: Tokenizer, ids) -> str:
     """The text of a generated reply's ids (special tokens dropped): their decoding, less the space the format
     puts before a reply (`space_after_role`)."""
     text = tok.decode(ids)
-    return text[1:] if tok.space_after_role and tok.chat_template is None and text.startswith(" ") else text
+    return text[1:] if _reply_space(tok) and text.startswith(" ") else text
 
 
 FEW_SHOT = [
@@ -192,7 +197,7 @@ class TextStream:
     def __init__(self, tok: Tokenizer, stop: Iterable[str] = (), reply: bool = False):
         """`reply`: the ids are a chat reply, whose first space is the format's (`reply_text`), not text."""
         self.tok = tok
-        self._lead = reply and tok.space_after_role and tok.chat_template is None  # a leading space to drop
+        self._lead = reply and _reply_space(tok)  # a leading space to drop
         self.stop = [s for s in stop if s]
         self._fail = [self._failure(s) for s in self.stop]
         self._match = [0] * len(self.stop)  # per stop string: its characters that end the text so far
