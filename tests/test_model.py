@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from instructgpt.model import (
     GPT,
@@ -8,6 +9,7 @@ from instructgpt.model import (
     ModelConfig,
     ScalarModel,
     Seq2Seq,
+    attention,
     count_params,
     last_token_index,
     positions_from_mask,
@@ -203,3 +205,33 @@ def test_bad_input_ids_and_length():
         m(torch.tensor([[1, 2, V]]))
     with pytest.raises(ValueError, match="context of 32"):
         m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_bf16_attention_on_the_cpu_runs_in_fp32():
+    """bf16 on the CPU attends in fp32 (its bf16 kernel is several times slower) and gives bf16 back: exactly
+    fp32 attention of the bf16 inputs, rounded once, for a causal, a masked and a grouped-query call."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 7, 8, generator=g).bfloat16() for _ in range(2))
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    for m, causal in ((None, True), (mask, False)):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, is_causal=causal,
+                                              enable_gqa=True).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would otherwise attend in bf16
+            got = attention(q, k, v, m, 0.0, causal, gqa=True)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    # fp32 is left alone
+    f = attention(q.float(), k.float(), v.float(), None, 0.0, True, gqa=True)
+    assert f.dtype == torch.float32
+
+
+def test_a_bf16_autocast_forward_on_the_cpu_is_close_to_fp32(cfg):
+    model = make(GPT, cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(idx)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05 * full.abs().max()

@@ -11,6 +11,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -212,6 +213,24 @@ class KVCache:
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+              is_causal: bool, gqa: bool) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, K, S, D) -> (B, H, T, D).
+
+    bf16 on the CPU (autocast, or bf16 weights) attends in fp32 and returns bf16: PyTorch's bf16 CPU kernels
+    for attention are about 3x slower than its fp32 ones at these sizes, while the matmuls around them are
+    where bf16 pays (AMX / AVX-512 BF16 through oneDNN). It is also the more exact of the two."""
+    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # an additive mask must match the queries' dtype (autocast)
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           enable_gqa=gqa)
+    return y.to(torch.bfloat16) if upcast else y
+
+
 class Attention(nn.Module):
     """Multi-head attention with a fused projection: self-attention (q, k, v from x, causal or not) or
     cross-attention (q from x, k and v from the encoder output). Grouped-query when n_kv_head < n_head."""
@@ -265,15 +284,8 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, K, S, D) with S = everything cached so far
-        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)  # an additive mask must match the queries' dtype (autocast)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=mask is None and causal and not self.cross,
-            enable_gqa=self.K != self.H,
-        )  # (B, H, T, D)
+        y = attention(q, k, v, mask, self.attn_dropout if self.training else 0.0,
+                      is_causal=mask is None and causal and not self.cross, gqa=self.K != self.H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
