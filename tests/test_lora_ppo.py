@@ -1,6 +1,7 @@
 """LoRA in the RL stage: the reference is the policy with its adapters off (no copy of --init), exactly what a
-separate frozen copy computes, even after the adapters have trained; the value model trains adapters and its
-head; resume is exact; the exported policy is merged."""
+separate frozen copy computes, even after the adapters have trained; so is the reward model, the value model
+with its adapters off and the reward model's own head (no copy of --reward); the value model trains adapters and
+its head; resume is exact; the exported policy is merged."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from test_ppo import build_ppo_world
 from instructgpt import ppo as ppo_module
 from instructgpt.checkpoint import Checkpointer, load_model
 from instructgpt.errors import UserError
+from instructgpt.finetune import BaseScorer
 from instructgpt.lora import adapters_off, lora_layers
-from instructgpt.losses import response_logprobs
+from instructgpt.losses import response_logprobs, rewards_of
 from instructgpt.ppo import ppo_command
 from instructgpt.recipe import call
 
@@ -68,6 +70,45 @@ def test_the_reference_is_the_policy_with_adapters_off(world, tmp_path, monkeypa
     value = load_file(str(tmp_path / "ppo" / "checkpoints" / "step_0000004" / "value" / "model.safetensors"))
     assert "score_head.weight" in value and any(k.endswith("lora_A") for k in value)  # adapters and the head only
     assert not any(k.endswith("qkv_proj.weight") for k in value)
+
+
+def test_the_reward_model_is_the_value_model_with_adapters_off(world, tmp_path, monkeypatch):
+    """With LoRA the value model starts from --reward and the reward model is its base (adapters off) with the
+    reward model's head as it was: at every step, once the value model's adapters and head have trained, its
+    scores are exactly a separate frozen copy's; and --reward is loaded once."""
+    copy = load_model(world["rm"], kind="scalar").eval()
+    real_score, real_load, seen, loads = ppo_module.score_rollout, ppo_module.load_model, [], []
+
+    def checked(ro, policy, ref, value_model, reward_model, *a, **k):
+        assert isinstance(reward_model, BaseScorer) and reward_model._value[0] is value_model
+        assert not list(reward_model.parameters())[0].requires_grad
+        out = real_score(ro, policy, ref, value_model, reward_model, *a, **k)
+        with torch.no_grad():
+            theirs = rewards_of(copy, ro.ids, ro.attention_mask)
+            mine = rewards_of(value_model, ro.ids, ro.attention_mask)  # the value model itself, adapters on
+        seen.append((torch.equal(out["scores"], theirs), torch.equal(mine, theirs)))
+        return out
+
+    monkeypatch.setattr(ppo_module, "score_rollout", checked)
+    monkeypatch.setattr(ppo_module, "load_model", lambda path, **k: (loads.append(path), real_load(path, **k))[1])
+    call(ppo_command, **args(world), out=tmp_path / "ppo")
+    assert len(seen) == 4 and all(same for same, _ in seen)
+    assert not all(moved_equal for _, moved_equal in seen[1:])  # the value model did move away from it
+    assert loads.count(world["rm"]) == 1  # the value model; the reward model is its base
+
+
+def test_without_lora_the_reward_model_is_a_frozen_copy(world, tmp_path, monkeypatch):
+    kinds = []
+    real_score = ppo_module.score_rollout
+
+    def checked(ro, policy, ref, value_model, reward_model, *a, **k):
+        kinds.append(type(reward_model).__name__)
+        return real_score(ro, policy, ref, value_model, reward_model, *a, **k)
+
+    monkeypatch.setattr(ppo_module, "score_rollout", checked)
+    call(ppo_command, **args(world, lora_rank=0, max_steps=1), out=tmp_path / "full")
+    call(ppo_command, **args(world, max_steps=1, value_init=world["sft"]), out=tmp_path / "other_value")
+    assert kinds == ["ScalarModel", "ScalarModel"]
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])

@@ -19,11 +19,13 @@ not hold its trained score head.
 
 A model used for its forward pass only (a reference, a reward model) is `frozen`: with bf16 compute on CUDA its
 weights are held in bf16, half the memory. With LoRA, the reference of DPO is the policy with its adapters off
-(`lora.adapters_off`): no second copy at all.
+(`lora.adapters_off`): no second copy at all. So is PPO's reward model when the value model starts from it
+(`BaseScorer`): the value model's base weights with its adapters off and the reward model's own head.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from .errors import UserError
 from .hf_arch import hf_family
 from .lora import (
     LoRAConfig,
+    adapters_off,
     apply_lora,
     load_lora_state_dict,
     lora_layers,
@@ -45,7 +48,7 @@ from .lora import (
     save_peft_adapter,
 )
 from .memory import set_activation_checkpointing
-from .model import GPT
+from .model import GPT, ScalarModel, last_token_index
 from .train import TrainConfig
 
 ADAPTER = "adapter"  # OUT/adapter/: adapter_config.json and adapter_model.safetensors (PEFT's names)
@@ -141,3 +144,33 @@ def write_adapter(model: nn.Module, lora: LoRAConfig | None, init: Path, out: Pa
 
 __all__ = ["ADAPTER", "checkpoint_weights", "describe", "frozen", "hold_in", "lora_record", "prepare",
            "published_tensors", "write_adapter"]
+
+
+class BaseScorer(nn.Module):
+    """The reward model computed by a value model that started from it and trains LoRA adapters and its own
+    copy of the score head: the value model's trunk with its adapters off (the reward model's frozen base
+    weights, exactly) and the reward model's head as it was, frozen. PPO with LoRA then holds one copy of the
+    reward model's base weights for both, as the reference is the policy with its adapters off.
+
+    Build it before the value model trains (its head is copied here). The value model is held by reference,
+    not as a submodule: this module's parameters and state dict are the frozen head's alone."""
+
+    def __init__(self, value_model: ScalarModel):
+        super().__init__()
+        if not lora_layers(value_model):
+            raise ValueError("BaseScorer needs a value model with LoRA adapters (its base is the reward model)")
+        self._value = (value_model,)  # a tuple: not registered, so not in parameters() or state_dict()
+        self.config = value_model.config
+        self.score_head = copy.deepcopy(value_model.score_head).requires_grad_(False)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, segment_ids=None) -> Tensor:
+        """The reward model's values (B, T), one per position."""
+        value = self._value[0]
+        with adapters_off(value):
+            h = value.transformer(idx, attention_mask, position_ids, segment_ids)  # (B, T, C)
+        return self.score_head(h).squeeze(-1)
+
+    def score(self, idx: Tensor, attention_mask: Tensor) -> Tensor:
+        """One score (B,) per sequence, at its last real token (as `ScalarModel.score`)."""
+        values = self(idx, attention_mask)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)

@@ -188,7 +188,7 @@ class Run:
     optimizers: dict[str, torch.optim.Optimizer]  # policy, value (gae)
     fwd: tuple[nn.Module, nn.Module | None]  # the policy and the value model as the update calls them (DDP, FSDP)
     ref: GPT | None  # None with LoRA: the policy with its adapters off
-    rm: ScalarModel | None
+    rm: ScalarModel | finetune.BaseScorer | None  # with LoRA and gae, the value model's base (BaseScorer)
     reward_fns: list[tuple[str, RewardFn, float]]  # (name, function, weight) of each --reward-fn
     ptx: PretrainWindows | None
     kl_ctl: AdaptiveKL
@@ -216,11 +216,16 @@ def set_up(args: PPOArgs, t: TrainConfig) -> Run:
     lora = finetune.prepare(pol, t)  # LoRA adapters and activation checkpointing, as the flags say
     # with LoRA the reference is the policy with its adapters off: no second copy of the weights
     ref = None if lora else finetune.frozen(_no_dropout(load_model(init, kind="gpt", device=dev)), runtime)
-    rm = finetune.frozen(_no_dropout(load_model(reward, kind="scalar", device=dev)), runtime) if reward else None
     value_model = (_no_dropout(load_model(args.value_init or reward or init, kind="scalar", device=dev))
                    if args.ppo.critic else None)
     if value_model is not None:
         finetune.prepare(value_model, t, trainable=("score_head",))
+    # with LoRA the value model's base is the reward model: no second copy (under FSDP the trunk's forward is
+    # the sharded root's, whose hooks a call past its head would skip: a copy there)
+    if reward and lora and value_model is not None and args.value_init in (None, reward) and not runtime.fsdp:
+        rm = finetune.BaseScorer(value_model)
+    else:
+        rm = finetune.frozen(_no_dropout(load_model(reward, kind="scalar", device=dev)), runtime) if reward else None
     for name, m in (("reward model", rm), ("value model", value_model)):
         if m is not None and m.config.vocab_size != pol.config.vocab_size:
             raise UserError(f"the {name} has a vocabulary of {m.config.vocab_size} tokens, the policy "
