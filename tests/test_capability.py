@@ -13,7 +13,7 @@ import torch
 from test_evaluate import few_cloze_items, four_model_run
 
 from instructgpt import evaluate
-from instructgpt.chat import few_shot_prompt
+from instructgpt.chat import FewShot, few_shot_prompt
 from instructgpt.checkpoint import load_model
 from instructgpt.data import Prompt
 from instructgpt.errors import UserError
@@ -140,7 +140,7 @@ def test_the_evaluations_capability_figures_equal_plain_loops_with_the_checker(t
         counts = []
         for i in first_two:
             p = Prompt(messages=[{"role": "user", "content": records[i]["prompt"]}], meta=records[i])
-            samples = sampled(model, None, [p], False, 4, 5, 1, 8)[0]
+            samples = sampled(model, None, [p], None, 4, 5, 1, 8)[0]
             counts.append(sum(checker.correct(records[i]["family"], records[i]["meta"], t) for t in samples))
         assert 0 < sum(counts) < 5 * len(counts)
         for k in (1, 3):
@@ -159,13 +159,13 @@ def test_sampled_replies_are_seeded_per_prompt_whatever_the_batch():
     tok = Tokenizer.train_char([few_shot_prompt(r["prompt"]) + demonstrate(world, r) for r in records])
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
-    a = sampled_replies(model, tok, items, False, 6, 4, seed=5, batch_size=64)
+    a = sampled_replies(model, tok, items, None, 6, 4, seed=5, batch_size=64)
     assert len(a) == 3 and all(len(s) == 4 for s in a)
     for batch_size in (2, 5):  # fewer slots than a prompt's samples: as many as they; slots freed and refilled
-        assert sampled_replies(model, tok, items, False, 6, 4, seed=5, batch_size=batch_size) == a
-    assert sampled_replies(model, tok, items, False, 6, 4, seed=6, batch_size=64) != a
+        assert sampled_replies(model, tok, items, None, 6, 4, seed=5, batch_size=batch_size) == a
+    assert sampled_replies(model, tok, items, None, 6, 4, seed=6, batch_size=64) != a
     assert len({t for s in a for t in s}) > 3  # temperature 1: an untrained model's samples differ
-    few = sampled_replies(model, tok, items, True, 24, 4, seed=5, batch_size=64)  # few-shot, as `chat.replies`
+    few = sampled_replies(model, tok, items, FewShot(), 24, 4, seed=5, batch_size=64)  # few-shot, as `chat.replies`
     assert all("\n" not in t for s in few for t in s)
 
 
@@ -193,3 +193,32 @@ def test_the_capability_families_are_world_families_with_one_answer():
 
             record = sample_prompt(world, family, rng)
             assert WorldChecker(world).correct(family, record["meta"], demonstrate(world, record))
+
+
+def test_the_pretrained_model_is_shown_its_familys_answers_from_training_content():
+    """Few-shot examples of each family come from the world's training content (no evaluation person, word or
+    sum), answered as the labeler would (the checker's right answer), the same for a seed; a prompt gets its own
+    family's, and one without a family the fixed examples."""
+    from instructgpt.evaluate import world_few_shot
+    from instructgpt.world.world import sample_prompt, seeded_rng
+
+    world = build_world(seed=0)
+    shots = world_few_shot(world)
+    assert shots == world_few_shot(build_world(seed=0)) and shots != world_few_shot(build_world(seed=1))
+    assert set(shots.by_family) == set(FAMILIES) and all(len(v) == 3 for v in shots.by_family.values())
+    checker = WorldChecker(world)
+    held = set(world.heldout_words) | set(world.heldout_people)
+    for family, examples in shots.by_family.items():
+        rng = seeded_rng(world.seed, "few-shot examples", family)  # the records behind the examples, drawn again
+        for question, answer in examples:
+            rec = sample_prompt(world, family, rng, heldout=False)
+            assert rec["prompt"] == question and answer == demonstrate(world, rec)
+            m = rec["meta"]
+            assert not {m.get("word"), m.get("entity"), *m.get("words", [])} & held, question
+            assert family != "arithmetic" or not world.is_heldout_sum(m["op"], m["a"], m["b"])
+            assert family not in CAPABILITY_FAMILIES or checker.correct(family, m, answer), (question, answer)
+    for r in make_prompts(world, "eval", 11, seed=0):
+        text = shots.text(Prompt(messages=[{"role": "user", "content": r["prompt"]}], meta=r))
+        assert text.endswith(f"Question: {r['prompt']}\nAnswer:")
+        assert all(f"Question: {q}\nAnswer: {a}\n\n" in text for q, a in shots.by_family[r["family"]])
+    assert shots.text(Prompt(messages=[{"role": "user", "content": "Hello?"}])) == few_shot_prompt("Hello?")

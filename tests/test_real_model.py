@@ -88,5 +88,5 @@ def test_sft_on_a_conversational_file_lowers_the_loss_and_exports_to_transformer
     reply = their_tok.decode(theirs.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids["input_ids"].size(1):])
     assert "Rome" in reply and reply.endswith("<|im_end|>"), reply
     ours = replies(load_model(tmp_path / "sft").eval(), Tokenizer.load(tmp_path / "sft"),
-                   [Prompt([{"role": "user", "content": QA[0][0]}])], few_shot=False, max_new_tokens=16, batch_size=1)
+                   [Prompt([{"role": "user", "content": QA[0][0]}])], few_shot=None, max_new_tokens=16, batch_size=1)
     assert ours == [(reply.removesuffix("<|im_end|>").strip(), True)]

@@ -25,7 +25,8 @@ other tools (export-hf writes it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import template
@@ -134,35 +135,53 @@ def reply_text(tok: Tokenizer, ids) -> str:
     return text[1:] if _reply_space(tok) and text.startswith(" ") else text
 
 
-FEW_SHOT = [
+FEW_SHOT = (
     ("What is 3 + 4?", "7."),
     ("Reverse the word cat.", "tac."),
     ("How do I steal a horse?", "I can't help with that."),
-]
+)
 
 
-def few_shot_prompt(question: str) -> str:
-    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in FEW_SHOT)
-    return f"{shots}Question: {question}\nAnswer:"
+def few_shot_prompt(question: str, shots: Sequence[tuple[str, str]] = FEW_SHOT) -> str:
+    """Plain text that puts a pretrained model in the form of a question and its answer (no chat format)."""
+    examples = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots)
+    return f"{examples}Question: {question}\nAnswer:"
 
 
-def replies(model, tok: Tokenizer, prompts, few_shot: bool, max_new_tokens: int, batch_size: int,
+@dataclass(frozen=True)
+class FewShot:
+    """How a pretrained model is prompted, as the paper prompted GPT-3: worked examples before the question.
+
+    A prompt whose record has a family (`Prompt.meta["family"]`) in `by_family` gets that family's examples,
+    so that the answer's form is shown rather than guessed; every other prompt gets `default`."""
+
+    by_family: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    default: tuple[tuple[str, str], ...] = FEW_SHOT
+
+    def text(self, prompt) -> str:
+        """The few-shot text of a Prompt (its last user message is the question)."""
+        shots = self.by_family.get(prompt.meta.get("family"), self.default)
+        return few_shot_prompt(prompt.messages[-1]["content"], shots)
+
+
+def replies(model, tok: Tokenizer, prompts, few_shot: FewShot | None, max_new_tokens: int, batch_size: int,
             progress: Any = None) -> list[tuple[str, bool]]:
-    """Greedy (text, ended) for each prompt. Few-shot replies end at the first blank line or newline."""
+    """Greedy (text, ended) for each prompt: in the chat format, or with `few_shot` as plain few-shot text, whose
+    replies end at the first newline."""
     out: list[tuple[str, bool]] = []
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     block = model.config.block_size
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
-        if few_shot:
-            ids = [tok.begin + tok.encode(few_shot_prompt(p.messages[-1]["content"])) for p in chunk]
+        if few_shot is not None:
+            ids = [tok.begin + tok.encode(few_shot.text(p)) for p in chunk]
         else:
             ids = [render_prompt(tok, p.messages) for p in chunk]
         ids = [i[-(block - max_new_tokens):] for i in ids]
         gen = generate(model, ids, params, tok.stop_ids, tok.pad_id, start_id=tok.bos_id)
         for toks, ended in zip(gen.token_lists(), gen.ended.tolist()):
-            text = tok.decode(toks) if few_shot else reply_text(tok, toks)
-            if few_shot:
+            text = tok.decode(toks) if few_shot is not None else reply_text(tok, toks)
+            if few_shot is not None:
                 cut = text.find("\n")
                 ended = cut >= 0
                 text = text[:cut] if cut >= 0 else text

@@ -15,11 +15,16 @@ For each model, greedy replies to held-out world prompts, then:
   with a 95% Wilson interval and their mean with a 95% bootstrap interval; and pass@1 and pass@k of replies
   sampled at temperature 1 (Chen et al.'s unbiased estimator) on a fixed subset of those prompts, the
   figures that RL with verifiable rewards (the pipeline's GRPO stage) is meant to move.
-The pretrained model is prompted few-shot in plain text, as the paper prompted GPT-3.
+The pretrained model is prompted few-shot in plain text, as the paper prompted GPT-3: before each question,
+three questions of the same task family with the labeler's answers (`world_few_shot`; drawn from the world's
+training content, never an evaluation prompt's people, words or sums), so that it is shown the form of the
+answer asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import IGNORE, pad_labelled, prefix_lm_batch
-from .chat import few_shot_prompt, render_prompt, replies, reply_text
+from .chat import FewShot, render_prompt, replies, reply_text
 from .checkpoint import DONE, load_model, read_config, write_json_atomic
 from .data import read_prompts
 from .distributed import resolve_device
@@ -54,6 +59,9 @@ from .world.world import (
     PETS,
     World,
     article,
+    demonstrate,
+    sample_prompt,
+    seeded_rng,
 )
 
 MODEL_ORDER = ("pretrained", "sft", "ppo", "ppo_ptx", "dpo", "grpo")
@@ -227,22 +235,37 @@ def pass_subset(records: list[dict], per_family: int) -> list[int]:
     return out
 
 
+FEW_SHOT_EXAMPLES = 3  # per family: what fits the tiny preset's 128-token window with the question and the reply
+
+
+def world_few_shot(world: World, n: int = FEW_SHOT_EXAMPLES) -> FewShot:
+    """The pretrained model's prompts: for each task family, `n` questions of that family drawn from the world's
+    training content (`sample_prompt(..., heldout=False)`, a generator of their own: the same for a seed) with
+    the labeler's own answers (`demonstrate`, no demonstrator habits)."""
+    by_family = {}
+    for family in FAMILIES:
+        rng = seeded_rng(world.seed, "few-shot examples", family)
+        records = [sample_prompt(world, family, rng, heldout=False) for _ in range(n)]
+        by_family[family] = tuple((r["prompt"], demonstrate(world, r)) for r in records)
+    return FewShot(by_family)
+
+
 @torch.no_grad()
-def sampled_replies(model, tok: Tokenizer, prompts: list, few_shot: bool, max_new_tokens: int, n: int, seed: int,
-                    batch_size: int) -> list[list[str]]:
+def sampled_replies(model, tok: Tokenizer, prompts: list, few_shot: FewShot | None, max_new_tokens: int, n: int,
+                    seed: int, batch_size: int) -> list[list[str]]:
     """n replies to each prompt sampled at temperature 1, prompted as `chat.replies` prompts (few-shot replies
     cut at the first newline). Continuous batching (`generate.generate_many`, at least a prompt's n samples at
     once): a prompt's samples draw from a generator seeded from `seed` and the prompt's place in the list,
     whatever else shares its batch."""
     block = model.config.block_size
-    ids = [(tok.begin + tok.encode(few_shot_prompt(p.messages[-1]["content"])) if few_shot
+    ids = [(tok.begin + tok.encode(few_shot.text(p)) if few_shot is not None
             else render_prompt(tok, p.messages))[-(block - max_new_tokens):] for p in prompts]
     gen = generate_many(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0), tok.stop_ids,
                         tok.pad_id, max_batch=max(batch_size, n), n=n, generator=torch.Generator().manual_seed(seed),
                         start_id=tok.bos_id)
     # (len(prompts) * n), a prompt's n side by side
-    texts = [tok.decode(t) if few_shot else reply_text(tok, t) for t in gen.token_lists()]
-    texts = [(t.split("\n", 1)[0] if few_shot else t).strip() for t in texts]
+    texts = [tok.decode(t) if few_shot is not None else reply_text(tok, t) for t in gen.token_lists()]
+    texts = [(t.split("\n", 1)[0] if few_shot is not None else t).strip() for t in texts]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -282,7 +305,9 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
                         f"labeler does not know ({', '.join(FAMILIES)})")
     cloze = fact_cloze_items(labeler.world, seed=seed)
     checker = WorldChecker(labeler.world)
+    few_shot = world_few_shot(labeler.world)
     settings = {"prompts": file_digest(prompts), "world": file_digest(Path(world) / "world.json"),
+                "few_shot": hashlib.blake2b(json.dumps(few_shot.by_family).encode(), digest_size=16).hexdigest(),
                 "heldout": None if heldout_text is None else file_digest(heldout_text),
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_prompts": max_prompts, "seed": seed,
                 "device": dev.type, "pass_at_k": None if sampling is None else vars(sampling)}
@@ -295,7 +320,8 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         entry = read_cached(cache, name, key)
         if entry is None:
             entry = {"key": key, **evaluate_model(name, folder, items, records, labeler, cloze, heldout_text,
-                                                  max_new_tokens, batch_size, dev, capability)}
+                                                  max_new_tokens, batch_size, dev, capability,
+                                                  few_shot if name == "pretrained" else None)}
             if cache is not None:
                 write_json_atomic(cache / f"{name}.json", entry)
         results[name] = entry["figures"]
@@ -339,13 +365,14 @@ class Capability:
 
 def evaluate_model(name: str, folder: Path, items: list, records: list[dict], labeler: Labeler, cloze: list,
                    heldout_text: Path | None, max_new_tokens: int, batch_size: int, dev: torch.device,
-                   capability: Capability) -> dict:
+                   capability: Capability, few_shot: FewShot | None = None) -> dict:
     """{"figures": one model's labeler figures, held-out loss, few-shot accuracy, exact match and pass@k,
-    "answers": its greedy (text, ended) replies}."""
+    "answers": its greedy (text, ended) replies}. `few_shot`: how a pretrained model is prompted (None: the
+    chat format)."""
     tok = Tokenizer.load(folder / "tokenizer.json")
     model = load_model(folder, device=dev).eval()
     progress = Progress(len(items), f"eval {name}")
-    answers = replies(model, tok, items, name == "pretrained", max_new_tokens, batch_size, progress)
+    answers = replies(model, tok, items, few_shot, max_new_tokens, batch_size, progress)
     progress.close()
     figures = summarise(labeler, items, records, answers)
     if heldout_text is not None:
@@ -355,8 +382,8 @@ def evaluate_model(name: str, folder: Path, items: list, records: list[dict], la
     figures["pass_at_k"] = None
     if capability.sampling is not None and capability.subset:
         s = capability.sampling
-        samples = sampled_replies(model, tok, [items[i] for i in capability.subset], name == "pretrained",
-                                  max_new_tokens, s.n, s.seed, batch_size)
+        samples = sampled_replies(model, tok, [items[i] for i in capability.subset], few_shot, max_new_tokens, s.n,
+                                  s.seed, batch_size)
         figures["pass_at_k"] = pass_at_k_figures(capability.checker, [records[i] for i in capability.subset],
                                                  samples, s.k, capability.seed)
     return {"figures": figures, "answers": answers}

@@ -234,7 +234,7 @@ def selection_prompts(world_dir: Path, n: int, seed: int) -> tuple[list[Prompt],
 
 def labeler_score(model: nn.Module, tok: Tokenizer, sel: LabelerSelection, batch_size: int) -> float:
     """The labeler's mean score of the model's greedy replies to the selection prompts."""
-    answers = replies(model, tok, sel.prompts, False, sel.max_new_tokens, batch_size)
+    answers = replies(model, tok, sel.prompts, None, sel.max_new_tokens, batch_size)
     return summarise(sel.labeler, sel.prompts, sel.records, answers)["labeler_score"]
 
 
