@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from instructgpt import checkpoint
 from instructgpt import sft as sft_module
 from instructgpt.batching import IGNORE, pack_batch
-from instructgpt.chat import render_prompt, replies
+from instructgpt.chat import FewShot, render_prompt, replies
 from instructgpt.checkpoint import load_model, save_model
 from instructgpt.data import Example, read_examples, read_prompts
 from instructgpt.errors import UserError
+from instructgpt.evaluate import world_few_shot
 from instructgpt.generate import SamplingParams, generate
 from instructgpt.model import GPT, ModelConfig, Seq2Seq
 from instructgpt.prepare import prepare_command
@@ -27,7 +28,7 @@ from instructgpt.tokenizer import Tokenizer
 from instructgpt.world.command import world_command
 from instructgpt.world.judge import summarise
 from instructgpt.world.labeler import Labeler
-from instructgpt.world.world import HELD_OUT_FAMILIES
+from instructgpt.world.world import HELD_OUT_FAMILIES, World
 
 TEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!'\n"
 SMALL = dict(n_layer=2, n_head=2, n_embd=64)
@@ -56,7 +57,8 @@ def world_score(model, tok: Tokenizer, world: Path, few_shot: bool, n: int | Non
     items = list(read_prompts(world / "prompts_eval.jsonl"))[:n]
     records = [{"prompt": p.messages[-1]["content"], "family": p.meta["family"], "meta": p.meta["meta"],
                 "id": p.meta["id"]} for p in items]
-    answers = replies(model, tok, items, few_shot, max_new_tokens=24, batch_size=64)
+    shots = world_few_shot(World.load(world)) if few_shot else None  # as the evaluation prompts a pretrained model
+    answers = replies(model, tok, items, shots, max_new_tokens=24, batch_size=64)
     return summarise(Labeler.load(world), items, records, answers)["labeler_score"]
 
 
@@ -294,7 +296,7 @@ def test_seq2seq_pretrain_sft_generate(world_run: Path, tmp_path: Path) -> None:
                 break
     assert fast == slow
     # evaluation's replies work for it, with the chat template and few-shot
-    for few_shot in (False, True):
+    for few_shot in (None, FewShot()):
         answers = replies(model, tok, list(read_prompts(world_run / "world" / "prompts_eval.jsonl"))[:6],
                           few_shot, max_new_tokens=12, batch_size=4)
         assert len(answers) == 6 and all(isinstance(text, str) for text, _ in answers)

@@ -63,12 +63,14 @@ from .world.world import CAPABILITY_FAMILIES
 # demonstrations); PPO for 30 steps of 64 rollouts with beta 0.2 (at 0.05 the policy exploits the
 # reward model: it answered harmful requests with "I don't know", which the reward model never saw
 # ranked there and scored above a refusal); DPO for 150 steps of 16 pairs; 800 held-out prompts, so
-# that the 95% interval of a win rate is about +-0.035. GRPO for 60 steps of 8 capability prompts x G = 8
-# samples, one pass each (the SFT model answers about 8% of them right, so with G = 4 most groups were all wrong
-# and taught nothing), 24 new tokens (answers are short; a reply cut off there loses the missing-end penalty,
-# which is how GRPO drops the demonstrators' pleasantries). Held-out exact match hardly moves at this size: 100
-# steps of two passes at lr 3e-4 gained 0.016 but unlearned refusing harmful requests (0.79 -> 0.0), trained on
-# nothing but capability prompts. pass@k on the first 16 prompts of each capability family x 8 samples.
+# that the 95% interval of a win rate is about +-0.035. GRPO for 120 steps of 8 capability prompts x G = 8
+# samples at lr 3e-5, one pass each (with G = 4 most groups were all wrong or all right and taught nothing), 24
+# new tokens (answers are short; a reply cut off there loses the missing-end penalty, which is how GRPO drops the
+# demonstrators' pleasantries). Chosen on seed 0's SFT model (exact match 0.306), greedy held-out exact match
+# after GRPO: 60 steps at lr 2e-4 (the earlier preset, for an SFT model that answered 8% right) 0.228, reverse
+# 0.89 -> 0.42 and refusing harmful requests 0.83 -> 0.24; 60 at 5e-5 0.349; 120 at 5e-5 0.354; 120 at 3e-5
+# 0.370 (win rate 0.575, refusals 0.97); 180 at 3e-5 0.354; temperature 0.7 0.269. pass@k on the first 16
+# prompts of each capability family x 8 samples.
 PRESETS: dict[str, dict] = {
     "smoke": {
         "world": dict(corpus_chars=150_000, n_sft=200, n_rm=60, n_rl=64, n_eval=40),
@@ -98,7 +100,7 @@ PRESETS: dict[str, dict] = {
                     ppo_epochs=4),
         "ptx_coef": 1.0,
         "dpo": dict(max_steps=150, batch_size=16, lr=5e-5),
-        "grpo": dict(estimator="grpo", group_size=8, max_steps=60, batch_size=64, max_new_tokens=24, lr=2e-4,
+        "grpo": dict(estimator="grpo", group_size=8, max_steps=120, batch_size=64, max_new_tokens=24, lr=3e-5,
                      beta=0.04, minibatches=2, ppo_epochs=1),
         "eval": dict(max_new_tokens=32, pass_prompts=16, pass_n=8, pass_k=4),
     },
