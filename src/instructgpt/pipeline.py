@@ -55,10 +55,13 @@ from .world.world import CAPABILITY_FAMILIES
 
 # Sizes per preset. The arithmetic for `tiny`: a 4-layer, 128-dim GPT pretrained on a 1.5 MB corpus
 # (about 390k tokens) for 1000 steps of 16 x 128 tokens (2M tokens, five passes); SFT on 2000
-# demonstrations for 4 epochs at lr 1e-3 with a quarter of each batch's sequences pretraining windows (10
-# epochs without them overfit the demonstrations' content: the model answered about held-out words with
-# training words, and its held-out pretraining loss went from 1.9 to 7.4; 3 epochs at 3e-4 had not learnt the
-# format); 1200 prompts x K = 4..9 samples ranked (about
+# demonstrations for 4 epochs at lr 1e-3 with half of each batch's sequences pretraining windows (10 epochs
+# without them overfit the demonstrations' content: the model answered about held-out words with training
+# words, and its held-out pretraining loss went from 1.9 to 7.4). Held-out exact match of SFT on the capability
+# families, seed 0 (where it was chosen): a quarter of windows 0.306, half 0.386, 60% 0.354, half for 3 epochs
+# 0.311, a quarter at lr 3e-4 0.121, a quarter for 2 epochs 0.199; seeds 1 and 2, a quarter against half: 0.269
+# -> 0.306, 0.269 -> 0.370 (the words' spellings, reversals and capitals that the corpus states are kept);
+# 1200 prompts x K = 4..9 samples ranked (about
 # 24k comparisons, ten times the demonstrations, as the paper had far more comparisons than
 # demonstrations); PPO for 30 steps of 64 rollouts with beta 0.2 (at 0.05 the policy exploits the
 # reward model: it answered harmful requests with "I don't know", which the reward model never saw
@@ -93,7 +96,7 @@ PRESETS: dict[str, dict] = {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
         "pretrain": dict(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, eval_interval=200,
                          eval_iters=10),
-        "sft": dict(epochs=4.0, batch_size=32, lr=1e-3, dropout=0.1, ptx_fraction=0.25),
+        "sft": dict(epochs=4.0, batch_size=32, lr=1e-3, dropout=0.1, ptx_fraction=0.5),
         "collect": dict(k_min=4, k_max=9, max_new_tokens=32),
         "rm": dict(epochs=2.0, batch_size=8, lr=5e-4),
         "ppo": dict(max_steps=30, batch_size=64, max_new_tokens=32, lr=5e-5, beta=0.2, minibatches=4,
