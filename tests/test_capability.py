@@ -21,6 +21,7 @@ from instructgpt.evaluate import (
     bootstrap_interval,
     eval_command,
     exact_match,
+    exact_match_change,
     pass_at_k,
     pass_subset,
     sampled_replies,
@@ -87,6 +88,30 @@ def test_exact_match_counts_what_the_checker_accepts_per_capability_family():
     good = exact_match(checker, records, [demonstrate(world, r) for r in records])
     assert all(f["rate"] == 1.0 for f in good["per_family"].values()) and good["mean"]["ci95"] == [1.0, 1.0]
     assert exact_match(checker, [r for r in records if r["family"] == "fact"], ["x"] * 6) is None
+
+
+def test_the_change_in_exact_match_is_a_paired_bootstrap_over_the_same_prompts():
+    world = build_world(seed=3)
+    records = make_prompts(world, "eval", 66, seed=3)
+    checker = WorldChecker(world)
+    base, texts = [fake_reply(world, r, 0) for r in records], [fake_reply(world, r, 1) for r in records]
+    got = exact_match_change(checker, records, texts, base, seed=5)
+    assert got["diff"] == pytest.approx(exact_match(checker, records, texts)["mean"]["rate"]
+                                        - exact_match(checker, records, base)["mean"]["rate"])
+    # the slow twin: per family, draw prompt indices and score both models' replies to the drawn prompts
+    hits = {f: [(checker.correct(f, r["meta"], t), checker.correct(f, r["meta"], b))
+                for r, t, b in zip(records, texts, base) if r["family"] == f] for f in CAPABILITY_FAMILIES}
+    rng = np.random.default_rng(5)
+    picks = {f: rng.integers(0, len(hits[f]), (2000, len(hits[f]))) for f in CAPABILITY_FAMILIES}
+    changes = [np.mean([np.mean([hits[f][j][0] for j in picks[f][b]]) - np.mean([hits[f][j][1] for j in picks[f][b]])
+                        for f in CAPABILITY_FAMILIES]) for b in range(2000)]
+    assert got["ci95"] == pytest.approx(list(np.percentile(changes, [2.5, 97.5])))
+    # the same replies: no change and no spread; right where the base was wrong on every prompt: above zero
+    assert exact_match_change(checker, records, base, base) == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    right = [demonstrate(world, r) for r in records]
+    better = exact_match_change(checker, records, right, base)
+    assert better["ci95"][0] > 0 and better["diff"] == pytest.approx(1 - exact_match(checker, records, base)["mean"]["rate"])
+    assert exact_match_change(checker, [r for r in records if r["family"] == "fact"], ["x"] * 6, ["y"] * 6) is None
 
 
 def test_the_pass_at_k_prompts_are_the_first_of_each_capability_family():

@@ -144,6 +144,7 @@ def test_the_report_shows_exact_match_and_pass_at_k_of_every_model_and_the_grpo_
     results = read_json_file(run / "eval" / "results.json")
     models = ("sft", "grpo")
     results["models"] = {m: figures(0.5) | capability_figures(0.25 * (i + 1)) for i, m in enumerate(models)}
+    results["models"]["grpo"]["exact_match"]["vs_sft"] = {"diff": 0.25, "ci95": [0.05, 0.45]}
     results["samples"] = [s | {"grpo": "5"} for s in results["samples"]]
     sampling = {"per_family": 2, "n": 8, "k": 4, "seed": 0, "prompts": 4, "temperature": 1.0}
     results["capability"] = {"families": ["arithmetic", "reverse", "count"], "pass_at_k": sampling}
@@ -173,9 +174,9 @@ def test_the_report_shows_exact_match_and_pass_at_k_of_every_model_and_the_grpo_
 
     # the families the evaluation names, in its order, if any model has figures for them
     assert table("## Capability families: exact match") == [
-        ["model", "arithmetic (n=4)", "count (n=4)", "mean"],
-        ["SFT", "0.250 [0.12, 0.62]", "0.250 [0.12, 0.62]", "0.250 [0.10, 0.90]"],
-        ["GRPO", "0.500 [0.25, 0.75]", "0.500 [0.25, 0.75]", "0.500 [0.10, 0.90]"]]
+        ["model", "arithmetic (n=4)", "count (n=4)", "mean", "change vs SFT"],
+        ["SFT", "0.250 [0.12, 0.62]", "0.250 [0.12, 0.62]", "0.250 [0.10, 0.90]", "-"],
+        ["GRPO", "0.500 [0.25, 0.75]", "0.500 [0.25, 0.75]", "0.500 [0.10, 0.90]", "+0.250 [+0.05, +0.45]"]]
     assert table("## Capability families: pass@k") == [
         ["model", "pass@1", "pass@4"], ["SFT", "0.250 [0.00, 0.50]", "0.500 [0.10, 0.80]"],
         ["GRPO", "0.500 [0.00, 0.50]", "1.000 [0.10, 0.80]"]]

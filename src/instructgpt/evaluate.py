@@ -224,6 +224,24 @@ def exact_match(checker: WorldChecker, records: list[dict], texts: list[str], se
     return {"per_family": per_family, "mean": {"rate": mean, "ci95": bootstrap_interval(groups, seed)}}
 
 
+def exact_match_change(checker: WorldChecker, records: list[dict], texts: list[str], base_texts: list[str],
+                       seed: int = 0) -> dict | None:
+    """The change in mean exact match (over the capability families) from the replies `base_texts` to `texts`
+    to the same prompts: {"diff", "ci95"}, the interval a paired 95% percentile bootstrap (each resample draws
+    the same prompts for both, within each family), which is the stratified bootstrap of the per-prompt
+    differences. None without capability prompts."""
+    diffs: dict[str, list[float]] = {}
+    for rec, text, base in zip(records, texts, base_texts):
+        if rec["family"] in CAPABILITY_FAMILIES:
+            fam, meta = rec["family"], rec["meta"]
+            diffs.setdefault(fam, []).append(float(checker.correct(fam, meta, text)) -
+                                             float(checker.correct(fam, meta, base)))
+    if not diffs:
+        return None
+    groups = [diffs[f] for f in CAPABILITY_FAMILIES if f in diffs]
+    return {"diff": float(np.mean([np.mean(g) for g in groups])), "ci95": bootstrap_interval(groups, seed)}
+
+
 def pass_subset(records: list[dict], per_family: int) -> list[int]:
     """The indices of the first `per_family` prompts of each capability family, in the file's order."""
     taken: dict[str, int] = {}
@@ -332,6 +350,9 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         else:
             results[name]["win_rate_vs_sft"], results[name]["win_rate_ci95"] = win_rate(
                 labeler, records, answers[name], answers["sft"])
+        if results[name].get("exact_match") is not None:
+            results[name]["exact_match"]["vs_sft"] = exact_match_change(
+                checker, records, [t for t, _ in answers[name]], [t for t, _ in answers["sft"]], seed)
     samples = [{"prompt": r["prompt"], "family": r["family"], **{m: answers[m][i][0] for m in models}}
                for i, r in enumerate(records)]
     chance = float(np.mean([1 / len(cands) for _, cands, _ in cloze]))
@@ -356,7 +377,8 @@ class Capability:
         """How the figures were made, for results.json."""
         out = {"families": list(CAPABILITY_FAMILIES), "exact_match": "greedy replies checked by the world's checker; "
                "95% Wilson interval per family, 95% percentile bootstrap (stratified by family, "
-               f"{BOOTSTRAP_RESAMPLES} resamples) for the mean over families"}
+               f"{BOOTSTRAP_RESAMPLES} resamples) for the mean over families; vs_sft: the change of the mean from "
+               "SFT's, with a paired bootstrap interval (the same prompts drawn for both)"}
         if self.sampling is not None and self.subset:
             out["pass_at_k"] = {**vars(self.sampling), "prompts": len(self.subset), "temperature": 1.0,
                                 "interval": f"95% percentile bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples"}

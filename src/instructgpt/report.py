@@ -222,6 +222,12 @@ def _rate(figure: dict | None) -> str:
     return f"{figure['rate']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _change(figure: dict) -> str:
+    """A signed change and its 95% interval: "+0.071 [+0.03, +0.11]"."""
+    lo, hi = figure["ci95"]
+    return f"{figure['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def capability_section(results: dict, models: list[str]) -> list[str]:
     """Exact match per capability family (greedy replies, checked by the world's checker) and pass@k (sampled
     replies) of every model, with 95% intervals; nothing when the evaluation has no such figures."""
@@ -236,13 +242,15 @@ def capability_section(results: dict, models: list[str]) -> list[str]:
     lines = ["## Capability families: exact match", "",
              "Greedy replies to the held-out prompts of the families with one checkable answer, checked by the world's "
              "checker (the reward of the GRPO stage). 95% Wilson intervals per family; the mean over families with a "
-             "95% percentile bootstrap interval (resampled within each family).", "",
-             "| model | " + " | ".join(f"{_plain(f)} (n={n[f]})" for f in families) + " | mean |",
-             "| --- |" + " --- |" * (len(families) + 1)]
+             "95% percentile bootstrap interval (resampled within each family); its change from SFT's with a paired "
+             "bootstrap interval (the same prompts drawn for both models).", "",
+             "| model | " + " | ".join(f"{_plain(f)} (n={n[f]})" for f in families) + " | mean | change vs SFT |",
+             "| --- |" + " --- |" * (len(families) + 2)]
     for m in rows:
         em = results["models"][m]["exact_match"]
+        change = em.get("vs_sft")
         lines.append(f"| {LABELS[m]} | " + " | ".join(_rate(em["per_family"].get(f)) for f in families)
-                     + f" | {_rate(em['mean'])} |")
+                     + f" | {_rate(em['mean'])} | {_change(change) if change and m != 'sft' else '-'} |")
     lines.append("")
     passes = sorted({k for m in rows for k in (results["models"][m].get("pass_at_k") or {}) if k.startswith("pass@")},
                     key=lambda k: int(k.removeprefix("pass@")))
