@@ -206,20 +206,26 @@ def bootstrap_interval(groups: list[list[float]], seed: int = 0, resamples: int 
     return [float(lo), float(hi)]
 
 
-def exact_match(checker: WorldChecker, records: list[dict], texts: list[str], seed: int = 0) -> dict | None:
-    """Exact match of replies to the capability families' prompts, as the world's checker judges them:
-    {"per_family": {family: {"n", "correct", "rate", "ci95" (Wilson)}}, "mean": {"rate", "ci95" (stratified
-    bootstrap)}}, the mean taken over families (each counts the same). None without such prompts."""
+def capability_hits(checker: WorldChecker, records: list[dict], texts: list[str]) -> dict[str, list[float]]:
+    """{family: 1.0 or 0.0 per reply, in the records' order} for the capability families present, in
+    CAPABILITY_FAMILIES' order: what the world's checker makes of each reply."""
     hits: dict[str, list[float]] = {}
     for rec, text in zip(records, texts):
         if rec["family"] in CAPABILITY_FAMILIES:
             hits.setdefault(rec["family"], []).append(float(checker.correct(rec["family"], rec["meta"], text)))
+    return {f: hits[f] for f in CAPABILITY_FAMILIES if f in hits}
+
+
+def exact_match(checker: WorldChecker, records: list[dict], texts: list[str], seed: int = 0) -> dict | None:
+    """Exact match of replies to the capability families' prompts, as the world's checker judges them:
+    {"per_family": {family: {"n", "correct", "rate", "ci95" (Wilson)}}, "mean": {"rate", "ci95" (stratified
+    bootstrap)}}, the mean taken over families (each counts the same). None without such prompts."""
+    hits = capability_hits(checker, records, texts)
     if not hits:
         return None
-    groups = [hits[f] for f in CAPABILITY_FAMILIES if f in hits]
-    per_family = {f: {"n": len(hits[f]), "correct": int(sum(hits[f])), "rate": float(np.mean(hits[f])),
-                      "ci95": list(wilson_interval(sum(hits[f]), len(hits[f])))}
-                  for f in CAPABILITY_FAMILIES if f in hits}
+    groups = list(hits.values())
+    per_family = {f: {"n": len(h), "correct": int(sum(h)), "rate": float(np.mean(h)),
+                      "ci95": list(wilson_interval(sum(h), len(h)))} for f, h in hits.items()}
     mean = float(np.mean([np.mean(g) for g in groups]))
     return {"per_family": per_family, "mean": {"rate": mean, "ci95": bootstrap_interval(groups, seed)}}
 
@@ -230,15 +236,10 @@ def exact_match_change(checker: WorldChecker, records: list[dict], texts: list[s
     to the same prompts: {"diff", "ci95"}, the interval a paired 95% percentile bootstrap (each resample draws
     the same prompts for both, within each family), which is the stratified bootstrap of the per-prompt
     differences. None without capability prompts."""
-    diffs: dict[str, list[float]] = {}
-    for rec, text, base in zip(records, texts, base_texts):
-        if rec["family"] in CAPABILITY_FAMILIES:
-            fam, meta = rec["family"], rec["meta"]
-            diffs.setdefault(fam, []).append(float(checker.correct(fam, meta, text)) -
-                                             float(checker.correct(fam, meta, base)))
-    if not diffs:
+    hits, base_hits = capability_hits(checker, records, texts), capability_hits(checker, records, base_texts)
+    if not hits:
         return None
-    groups = [diffs[f] for f in CAPABILITY_FAMILIES if f in diffs]
+    groups = [list(np.subtract(hits[f], base_hits[f])) for f in hits]
     return {"diff": float(np.mean([np.mean(g) for g in groups])), "ci95": bootstrap_interval(groups, seed)}
 
 
@@ -350,9 +351,9 @@ def evaluate_models(models: dict[str, Path], world: Path, prompts: Path, heldout
         else:
             results[name]["win_rate_vs_sft"], results[name]["win_rate_ci95"] = win_rate(
                 labeler, records, answers[name], answers["sft"])
-        if results[name].get("exact_match") is not None:
-            results[name]["exact_match"]["vs_sft"] = exact_match_change(
-                checker, records, [t for t, _ in answers[name]], [t for t, _ in answers["sft"]], seed)
+            if results[name].get("exact_match") is not None:
+                results[name]["exact_match"]["vs_sft"] = exact_match_change(
+                    checker, records, [t for t, _ in answers[name]], [t for t, _ in answers["sft"]], seed)
     samples = [{"prompt": r["prompt"], "family": r["family"], **{m: answers[m][i][0] for m in models}}
                for i, r in enumerate(records)]
     chance = float(np.mean([1 / len(cands) for _, cands, _ in cloze]))

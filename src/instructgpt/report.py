@@ -250,7 +250,7 @@ def capability_section(results: dict, models: list[str]) -> list[str]:
         em = results["models"][m]["exact_match"]
         change = em.get("vs_sft")
         lines.append(f"| {LABELS[m]} | " + " | ".join(_rate(em["per_family"].get(f)) for f in families)
-                     + f" | {_rate(em['mean'])} | {_change(change) if change and m != 'sft' else '-'} |")
+                     + f" | {_rate(em['mean'])} | {_change(change) if change else '-'} |")
     lines.append("")
     passes = sorted({k for m in rows for k in (results["models"][m].get("pass_at_k") or {}) if k.startswith("pass@")},
                     key=lambda k: int(k.removeprefix("pass@")))
